@@ -74,19 +74,19 @@ def retinanet_config():
   m = ml_collections.ConfigDict()
   m.name = 'retinanet'
   m.num_classes = 80
+  m.activation = 'relu'             # head; configs tie the backbone's to it
   m.min_level = 3
   m.max_level = 7
   m.head = ml_collections.ConfigDict(dict(
-      num_convs=4, num_filters=256, use_separable_conv=False,
-      level_specific_norm=True, prior_prob=0.01))
+      num_convs=4, num_filters=256, level_specific_norm=True, prior_prob=0.01))
   m.anchor = ml_collections.ConfigDict(dict(
       num_scales=3, aspect_ratios=(1.0, 2.0, 0.5), anchor_size=3.0))
   m.matcher = ml_collections.ConfigDict(dict(
       positive_threshold=0.5, negative_threshold=0.5, allow_low_quality=True))
   m.loss = ml_collections.ConfigDict(dict(
-      focal_alpha=0.25, focal_gamma=1.5, huber_delta=0.1, box_weight=50.0,
-      normalizer_momentum=0.0))   # >0: moving average of the positive count
+      focal_alpha=0.25, focal_gamma=1.5, huber_delta=0.1, box_weight=50.0))
   m.postprocess = ml_collections.ConfigDict(dict(
+      # Candidates kept per level before NMS (over anchors x classes), then overall.
       pre_nms_top_k=5000, score_threshold=0.05, nms_iou=0.5, max_detections=100,
       class_agnostic=False))
   return m
@@ -101,6 +101,7 @@ def base_config():
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.dtype = 'float32'               # activations: 'float32' | 'bfloat16'
+  c.norm = norm_config()            # BatchNorm everywhere (sync over the global batch)
   c.global_batch_size = 64
   c.num_train_steps = 1000
   c.log_every_steps = 50
@@ -120,3 +121,135 @@ def base_config():
       grad_clip_norm=10.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
   return c
+
+
+def tie_activation(config, name):
+  """Backbone and head share one activation (SpineNet protocol C swaps both to swish)."""
+  config.model.activation = name
+  config.model.backbone.activation = name
+
+
+def shapes_data(config, image_size=256):
+  """Points a config at the synthetic shapes dataset (built on first use)."""
+  config.data.name = 'shapes'
+  config.data.image_size = image_size
+  config.data.shapes.image_size = image_size
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.model.num_classes = 6
+  return config
+
+
+def runlocal(config, steps=20):
+  """Tiny everything: the smoke test of any config, about two minutes on a CPU."""
+  config.global_batch_size = 4
+  config.eval_batch_size = 4
+  config.num_train_steps = steps
+  config.log_every_steps = 5
+  config.checkpoint_every_steps = steps
+  config.eval_every_steps = 0
+  config.optimizer.warmup_steps = 5
+  config.data.image_size = 128
+  config.data.shapes.image_size = 128
+  config.data.shapes.num_train = 64
+  config.data.shapes.num_validation = 16
+  config.data.num_eval_images = 16
+  config.data.shuffle_buffer = 64
+  config.model.head.num_filters = 32
+  config.model.head.num_convs = 2
+  config.model.postprocess.pre_nms_top_k = 500
+  return config
+
+
+def epochs_to_steps(epochs, global_batch_size, num_images=COCO_TRAIN_IMAGES):
+  return int(round(epochs * num_images / global_batch_size))
+
+
+# SpineNet RetinaNet per model (paper Table 2; ../shared reference section 2.1, 3.1):
+# input size, anchor size, head convs x filters, and the TPU configs' drop-connect rate.
+SPINENET_RETINANET = {
+    '49S': dict(image_size=640, anchor_size=3.0, head_convs=4, head_filters=128),
+    '49': dict(image_size=640, anchor_size=3.0, head_convs=4, head_filters=256),
+    '96': dict(image_size=1024, anchor_size=3.0, head_convs=4, head_filters=256),
+    '143': dict(image_size=1280, anchor_size=4.0, head_convs=4, head_filters=256),
+    '190': dict(image_size=1280, anchor_size=4.0, head_convs=7, head_filters=512),
+}
+
+# Training protocols of the SpineNet paper (section 5.1): epochs, scale jitter, regularisers.
+PROTOCOLS = {
+    'A': dict(epochs=250, jitter=(0.8, 1.2), activation='relu', stochastic_depth=0.0,
+              dropblock=True),
+    'B': dict(epochs=350, jitter=(0.5, 2.0), activation='relu', stochastic_depth=0.0,
+              dropblock=False),
+    'C': dict(epochs=500, jitter=(0.5, 2.0), activation='swish', stochastic_depth=0.2,
+              dropblock=False),
+}
+
+
+def apply_protocol(config, protocol, batch_size=256):
+  """SGD 0.28 at batch 256 (scaled linearly for other batches), warmup, x0.1 / x0.01 for the
+  last 30 / 10 epochs, weight decay 4e-5 on kernels, sync BN 0.99 / 1e-3."""
+  p = PROTOCOLS[protocol]
+  config.protocol = protocol
+  config.global_batch_size = batch_size
+  config.num_train_steps = epochs_to_steps(p['epochs'], batch_size)
+  opt = config.optimizer
+  opt.name = 'sgd'
+  opt.momentum = 0.9
+  opt.learning_rate = 0.28
+  opt.reference_batch_size = 256
+  opt.schedule = 'step'
+  opt.warmup_steps = epochs_to_steps(5, batch_size)
+  opt.decay_boundaries = ((p['epochs'] - 30) / p['epochs'], (p['epochs'] - 10) / p['epochs'])
+  opt.decay_factors = (0.1, 0.01)
+  opt.weight_decay = 4e-5
+  config.data.aug_scale_min, config.data.aug_scale_max = p['jitter']
+  tie_activation(config, p['activation'])
+  config.model.backbone.stochastic_depth_rate = p['stochastic_depth']
+  return config
+
+
+def spinenet_retinanet(model_id, arg):
+  """RetinaNet-SpineNet-<model_id> under protocol A/B/C; variants shapes, runlocal, size=."""
+  a = parse_arg(arg, shapes=False, runlocal=False, protocol='C', size=0, batch=256)
+  spec = SPINENET_RETINANET[model_id]
+  c = base_config()
+  c.model = retinanet_config()
+  c.model.backbone = ml_collections.ConfigDict(dict(
+      name='spinenet', model_id=model_id, min_level=3, max_level=7, activation='relu',
+      stochastic_depth_rate=0.0, norm_momentum=c.norm.get_ref('momentum'),
+      norm_epsilon=c.norm.get_ref('epsilon')))
+  c.model.neck = ml_collections.ConfigDict(dict(name='none'))
+  c.model.anchor.anchor_size = spec['anchor_size']
+  c.model.head.num_convs = spec['head_convs']
+  c.model.head.num_filters = spec['head_filters']
+  c.data = data_config('coco', a.size or spec['image_size'])
+  c.eval_batch_size = 8
+  apply_protocol(c, a.protocol, a.batch)
+  c.checkpoint_every_steps = 5000
+  c.log_every_steps = 100
+  if a.shapes:
+    shapes_recipe(c)
+  if a.runlocal:
+    runlocal(c)
+    c.model.backbone.filter_size_scale = 0.25
+    c.model.backbone.endpoints_num_filters = 32
+    c.model.backbone.block_repeats = 1
+  return c
+
+
+def shapes_recipe(config):
+  """The same model on the synthetic shapes dataset: a short schedule that fits a CPU."""
+  shapes_data(config, 256)
+  config.global_batch_size = 16
+  config.eval_batch_size = 16
+  config.num_train_steps = 1500
+  config.optimizer.learning_rate = 0.08
+  config.optimizer.reference_batch_size = 0
+  config.optimizer.warmup_steps = 100
+  config.optimizer.decay_boundaries = (0.8, 0.93)
+  config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
+  config.model.postprocess.pre_nms_top_k = 1000
+  config.checkpoint_every_steps = 500
+  config.log_every_steps = 50
+  return config
