@@ -103,6 +103,7 @@ def base_config():
   c.dtype = 'float32'               # activations: 'float32' | 'bfloat16'
   c.norm = norm_config()            # BatchNorm everywhere (sync over the global batch)
   c.global_batch_size = 64
+  c.eval_batch_size = 8
   c.num_train_steps = 1000
   c.log_every_steps = 50
   c.checkpoint_every_steps = 1000

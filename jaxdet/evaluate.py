@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 from jaxdet import parallel
-from jaxdet.data import pipeline
 
 # pycocotools' COCOeval.stats order.
 STAT_NAMES = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
@@ -95,6 +94,7 @@ def make_evaluator(config, model, module, mesh):
 
 
 def _evaluate(config, predict, variables, mesh, batches) -> Dict[str, float]:
+  from jaxdet.data import pipeline  # pylint: disable=g-import-not-at-top
   start = time.time()
   eval_batch = config.get('eval_batch_size', config.global_batch_size)
   local_batch = parallel.local_batch_size(eval_batch, mesh)

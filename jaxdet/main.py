@@ -25,14 +25,18 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :variants.',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, predictions.')
-flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict'],
-                  'What to run.')
-flags.DEFINE_string('images', None, 'predict: an image file, a directory or a glob.')
-flags.DEFINE_string('output', None, 'predict: output directory (default WORKDIR/predictions).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so the module imports cleanly."""
+  config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :variants.',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, predictions.')
+  flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict'],
+                    'What to run.')
+  flags.DEFINE_string('images', None, 'predict: an image file, a directory or a glob.')
+  flags.DEFINE_string('output', None, 'predict: output directory (default WORKDIR/predictions).')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def restore_for_inference(config, workdir, mesh):
@@ -105,4 +109,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

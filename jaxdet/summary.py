@@ -20,9 +20,13 @@ from absl import flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (with :variants).',
-                                lock_config=True)
-flags.mark_flags_as_required(['config'])
+
+
+def define_flags():
+  """Command-line flags; defined only when run as a program, so the module imports cleanly."""
+  config_flags.DEFINE_config_file('config', None, 'Config file (with :variants).',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['config'])
 
 
 def count(tree) -> int:
@@ -77,4 +81,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

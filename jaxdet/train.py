@@ -24,7 +24,6 @@ import optax
 
 from jaxdet import checkpoint
 from jaxdet import parallel
-from jaxdet.data import pipeline
 
 RNG_STREAMS = ('dropout', 'drop_path', 'dropblock', 'sampling')
 
@@ -295,6 +294,7 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
     logging.info('Training already finished at step %d.', start_step)
     return state
 
+  from jaxdet.data import pipeline  # pylint: disable=g-import-not-at-top  (TF: only when training)
   batches = pipeline.train_iterator(
       config.data, batch_size=local_batch, seed=config.seed, start_step=start_step,
       shard_index=jax.process_index(), shard_count=jax.process_count())
