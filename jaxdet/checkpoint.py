@@ -24,6 +24,7 @@ def manager(workdir: str, *, keep: int = 3, async_save: bool = True) -> ocp.Chec
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
   return ocp.CheckpointManager(
       directory,
+      item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
 

@@ -76,7 +76,7 @@ def predict_files(config, model, module, variables, mesh, images: str, output: s
       blank = dict(examples[0])
       blank['image_id'] = np.full_like(np.asarray(examples[0]['image_id']), -1)
       examples.append(blank)
-    batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in examples[0]}
+    batch = {k: np.concatenate([np.asarray(e[k]) for e in examples]) for k in examples[0]}
     out = parallel.fetch(predict(variables, parallel.global_batch(batch, mesh)))
     for b, (path, image) in enumerate(chunk):
       dets = [{'box': [float(v) for v in out['boxes'][b, k]],

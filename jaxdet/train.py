@@ -323,14 +323,14 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
                      time.strftime('%H:%M:%S', time.gmtime(eta)))
         writer.write(done, dict(host, images_per_sec=rate))
         window_start, window_step = time.time(), done
-      if (done % config.checkpoint_every_steps == 0 or done == total
-          or preemption.requested):
+      stop = preemption.requested  # Read once: a signal may land at any point of the step.
+      if done % config.checkpoint_every_steps == 0 or done == total or stop:
         _check_finite(done, jax.device_get(metrics))
-        checkpoint.save(mgr, done, state, force=preemption.requested)
+        checkpoint.save(mgr, done, state, force=stop)
       if evaluate_fn is not None and config.eval_every_steps and (
           done % config.eval_every_steps == 0) and done != total:
         writer.write(done, evaluate_fn(state, done))
-      if preemption.requested:
+      if stop:
         mgr.wait_until_finished()
         logging.warning('Stopped at step %d after SIGTERM; rerun to resume.', done)
         return state

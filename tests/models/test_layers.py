@@ -48,7 +48,8 @@ def test_conv_padding_fixed_is_symmetric_and_same_is_not():
 
 def test_conv_norm_act_has_no_bias_before_norm():
   module = layers.ConvNormAct(4, 3)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)), train=False))
+  shapes = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)), train=False))
   assert set(shapes['params']['conv']) == {'kernel'}
   assert set(shapes['params']['bn']) == {'scale', 'bias'}
   assert set(shapes['batch_stats']['bn']) == {'mean', 'var'}

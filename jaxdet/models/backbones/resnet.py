@@ -107,7 +107,8 @@ class ResidualBlock(nn.Module):
     if self.use_projection:
       shortcut = conv(self.filters, 1, self.strides, activation=None,
                       name='shortcut')(x, train=train)
-    y = conv(self.filters, 3, self.strides, activation=self.activation, name='conv1')(x, train=train)
+    y = conv(self.filters, 3, self.strides, activation=self.activation,
+             name='conv1')(x, train=train)
     y = conv(self.filters, 3, 1, activation=None, name='conv2')(y, train=train)
     y = layers.StochasticDepth(self.stochastic_depth_rate)(y, train=train)
     return layers.activation(self.activation)(y + shortcut)
