@@ -7,6 +7,8 @@ A config file defines `get_config(arg=None)` and returns an `ml_collections.Conf
 
 import ml_collections
 
+from jaxdet.models.backbones import spinenet
+
 # COCO train2017 size: the unit that turns the papers' epochs into steps.
 COCO_TRAIN_IMAGES = 118_287
 
@@ -219,7 +221,9 @@ def spinenet_retinanet(model_id, arg):
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='spinenet', model_id=model_id, min_level=3, max_level=7, activation='relu',
       stochastic_depth_rate=0.0, norm_momentum=c.norm.get_ref('momentum'),
-      norm_epsilon=c.norm.get_ref('epsilon')))
+      norm_epsilon=c.norm.get_ref('epsilon'),
+      # The paper's scaling rule for this model (spinenet.SCALING_MAP), spelled out.
+      **spinenet.SCALING_MAP[model_id]))
   c.model.neck = ml_collections.ConfigDict(dict(name='none'))
   c.model.anchor.anchor_size = spec['anchor_size']
   c.model.head.num_convs = spec['head_convs']
@@ -251,6 +255,8 @@ def shapes_recipe(config):
   config.optimizer.decay_boundaries = (0.8, 0.93)
   config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
   config.model.postprocess.pre_nms_top_k = 1000
+  # A schedule this short is not helped by stochastic depth.
+  config.model.backbone.stochastic_depth_rate = 0.0
   config.checkpoint_every_steps = 500
   config.log_every_steps = 50
   return config

@@ -233,7 +233,7 @@ class DropBlock(nn.Module):
     return x * (mask / kept_fraction).astype(x.dtype)
 
 
-def build_module(module_cls: type[nn.Module], cfg, dtype) -> nn.Module:
+def build_module(module_cls: type[nn.Module], cfg, dtype, name=None) -> nn.Module:
   """Instantiates a backbone or neck from its config sub-dict.
 
   Args:
@@ -243,6 +243,7 @@ def build_module(module_cls: type[nn.Module], cfg, dtype) -> nn.Module:
       attribute of `module_cls` and overrides it.
     dtype: activation dtype (a dtype or its name, e.g. 'bfloat16'); the
       experiment-wide `config.dtype`.
+    name: the Flax module name (the parameter tree's key), e.g. 'backbone'.
 
   Returns:
     The module instance.
@@ -262,4 +263,4 @@ def build_module(module_cls: type[nn.Module], cfg, dtype) -> nn.Module:
           f'Unknown {module_cls.__name__} config key {key!r}; valid keys are {valid} '
           "(plus 'name'; the activation dtype comes from config.dtype).")
     kwargs[key] = value
-  return module_cls(dtype=jnp.dtype(dtype), **kwargs)
+  return module_cls(dtype=jnp.dtype(dtype), name=name, **kwargs)

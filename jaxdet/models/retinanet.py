@@ -29,7 +29,7 @@ from jaxdet.models import layers
 def build_backbone(model_cfg, dtype):
   """Imports `jaxdet.models.backbones.<name>` and builds it from its sub-config."""
   module = importlib.import_module(f'jaxdet.models.backbones.{model_cfg.backbone.name}')
-  return module.build(model_cfg.backbone, dtype)
+  return module.build(model_cfg.backbone, dtype, name='backbone')
 
 
 def build_neck(model_cfg, dtype):
@@ -37,7 +37,7 @@ def build_neck(model_cfg, dtype):
   if 'neck' not in model_cfg or model_cfg.neck.name in ('', 'none', 'identity'):
     return None
   module = importlib.import_module(f'jaxdet.models.necks.{model_cfg.neck.name}')
-  return module.build(model_cfg.neck, dtype)
+  return module.build(model_cfg.neck, dtype, name='neck')
 
 
 def num_anchors_per_location(model_cfg) -> int:

@@ -181,6 +181,6 @@ class ResNet(nn.Module):
     return features
 
 
-def build(cfg, dtype) -> ResNet:
+def build(cfg, dtype, name=None) -> ResNet:
   """ResNet from `config.model.backbone` (keys: the attributes of `ResNet`)."""
-  return layers.build_module(ResNet, cfg, dtype)
+  return layers.build_module(ResNet, cfg, dtype, name=name)

@@ -335,6 +335,6 @@ class SpineNet(nn.Module):
     }
 
 
-def build(cfg, dtype) -> SpineNet:
+def build(cfg, dtype, name=None) -> SpineNet:
   """SpineNet from `config.model.backbone` (keys: the attributes of `SpineNet`)."""
-  return layers.build_module(SpineNet, cfg, dtype)
+  return layers.build_module(SpineNet, cfg, dtype, name=name)

@@ -95,6 +95,6 @@ class FPN(nn.Module):
     return out
 
 
-def build(cfg, dtype) -> FPN:
+def build(cfg, dtype, name=None) -> FPN:
   """FPN from `config.model.neck` (keys: the attributes of `FPN`)."""
-  return layers.build_module(FPN, cfg, dtype)
+  return layers.build_module(FPN, cfg, dtype, name=name)
