@@ -188,6 +188,11 @@ PROTOCOLS = {
               dropblock=False),
 }
 
+# DropBlock of protocol A: the paper gives no settings (and the TPU SpineNet hard-codes it
+# off), so these are the DropBlock paper's ResNet-50 values (keep 0.9, 7x7 blocks).
+DROPBLOCK_KEEP_PROB = 0.9
+DROPBLOCK_SIZE = 7
+
 
 def apply_protocol(config, protocol, batch_size=256):
   """SGD 0.28 at batch 256 (scaled linearly for other batches), warmup, x0.1 / x0.01 for the
@@ -209,12 +214,16 @@ def apply_protocol(config, protocol, batch_size=256):
   config.data.aug_scale_min, config.data.aug_scale_max = p['jitter']
   tie_activation(config, p['activation'])
   config.model.backbone.stochastic_depth_rate = p['stochastic_depth']
+  # Only backbones that implement DropBlock (SpineNet) carry its fields.
+  if 'dropblock_keep_prob' in config.model.backbone:
+    config.model.backbone.dropblock_keep_prob = DROPBLOCK_KEEP_PROB if p['dropblock'] else 1.0
+    config.model.backbone.dropblock_size = DROPBLOCK_SIZE
   return config
 
 
 def spinenet_retinanet(model_id, arg):
   """RetinaNet-SpineNet-<model_id> under protocol A/B/C; variants shapes, runlocal, size=."""
-  a = parse_arg(arg, shapes=False, runlocal=False, protocol='C', size=0, batch=256)
+  a = parse_arg(arg, shapes=False, runlocal=False, demo=False, protocol='C', size=0, batch=256)
   spec = SPINENET_RETINANET[model_id]
   c = base_config()
   c.model = retinanet_config()
@@ -222,6 +231,8 @@ def spinenet_retinanet(model_id, arg):
       name='spinenet', model_id=model_id, min_level=3, max_level=7, activation='relu',
       stochastic_depth_rate=0.0, norm_momentum=c.norm.get_ref('momentum'),
       norm_epsilon=c.norm.get_ref('epsilon'),
+      # '' = SpineNet-49's specification; a name in spinenet_search.NAMED_SPECS or a JSON file.
+      spec='', dropblock_keep_prob=1.0, dropblock_size=7,
       # The paper's scaling rule for this model (spinenet.SCALING_MAP), spelled out.
       **spinenet.SCALING_MAP[model_id]))
   c.model.neck = ml_collections.ConfigDict(dict(name='none'))
@@ -233,8 +244,10 @@ def spinenet_retinanet(model_id, arg):
   apply_protocol(c, a.protocol, a.batch)
   c.checkpoint_every_steps = 5000
   c.log_every_steps = 100
-  if a.shapes:
+  if a.shapes or a.demo:
     shapes_recipe(c)
+  if a.demo:
+    demo_recipe(c)
   if a.runlocal:
     runlocal(c)
     c.model.backbone.filter_size_scale = 0.25
@@ -259,4 +272,29 @@ def shapes_recipe(config):
   config.model.backbone.stochastic_depth_rate = 0.0
   config.checkpoint_every_steps = 500
   config.log_every_steps = 50
+  return config
+
+
+def demo_recipe(config):
+  """The CPU demo: SpineNet's block graph at a quarter of 49S's width, 128 px, AdamW.
+
+  Sized so that generating the data, training and evaluating fit in about 15 minutes on
+  2 CPU cores (BENCHMARKS.md has the measured time and AP). The full-width 49S at 256 px
+  trains at about 1 image/s on such a machine, too slow for a demo.
+  """
+  shapes_data(config, 128)
+  config.model.backbone.filter_size_scale = 0.25
+  config.model.backbone.endpoints_num_filters = 64
+  config.model.head.num_filters = 64
+  config.global_batch_size = 16
+  config.eval_batch_size = 50
+  config.num_train_steps = 750
+  opt = config.optimizer
+  opt.name = 'adamw'
+  opt.learning_rate = 3e-3
+  opt.weight_decay = 1e-4
+  opt.schedule = 'cosine'
+  opt.warmup_steps = 50
+  opt.warmup_init_lr = 0.0
+  config.checkpoint_every_steps = 250
   return config

@@ -101,10 +101,19 @@ def run(config, workdir, mode, images=None, output=None):
   raise ValueError(mode)
 
 
+class _QuietLibraries:
+  """Keeps orbax's and tfds' per-step INFO chatter out of the console; warnings pass."""
+
+  def filter(self, record):
+    return record.levelno >= 30 or not any(
+        lib in record.pathname for lib in ('orbax', 'tensorflow_datasets'))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.stream = sys.stdout
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   run(FLAGS.config, FLAGS.workdir, FLAGS.mode, FLAGS.images, FLAGS.output)
 
 

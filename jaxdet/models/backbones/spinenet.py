@@ -18,6 +18,20 @@ The network, as the TPU reference implementation
   endpoints   1x1 conv to `endpoints_num_filters` + BN + act on the output
               block of each level.
 
+The specification comes from `block_specs`, or from `spec` (a name in
+spinenet_search.NAMED_SPECS or a JSON file; `config.model.backbone.spec`), and
+is checked by spinenet_search.validate before anything is built.
+
+DropBlock (protocol A, paper Sec. 5.1) drops squares of every scale-permuted
+block group's output, stem excluded. TPU's search-time builder
+(`spinenet_lib/block_zoo.py`) applies it after every BN inside those blocks,
+shortcut included; jaxdet shares its blocks with ResNet and drops the group's
+output instead, which also drops both the residual branch and the shortcut of
+the last block (the DropBlock paper, Sec. 4.1, found dropping the skip path
+too works best) and every feature the block's consumers read. Dropping the
+merged input instead would let the block's 3x3 convs fill the squares in from
+their surroundings.
+
 Resampling a parent (paper Sec. 3.2; TPU `resample_with_alpha`): 1x1 conv to
 int(alpha * C) channels, where C is the parent's width (its channels, divided
 by 4 for a bottleneck), + BN + act; to go coarser a 3x3/2 conv + BN + act,
@@ -111,29 +125,6 @@ FILTER_SIZE_MAP = {1: 32, 2: 64, 3: 128, 4: 256, 5: 256, 6: 256, 7: 256}
 STEM_FILTERS = 64
 
 
-def normalize_block_specs(specs) -> tuple[BlockSpec, ...]:
-  """BlockSpecs from BlockSpec or (level, block_fn, input_offsets, is_output) entries.
-
-  Lists are accepted so that an architecture can come from JSON.
-  """
-  out = []
-  for i, spec in enumerate(specs):
-    if len(spec) != 4:
-      raise ValueError(f'Block spec {i} must be (level, block_fn, input_offsets, is_output), '
-                       f'got {spec!r}.')
-    level, block_fn, offsets, is_output = spec
-    if block_fn not in resnet.BLOCK_EXPANSION:
-      raise ValueError(f'Block spec {i}: block_fn must be one of '
-                       f'{sorted(resnet.BLOCK_EXPANSION)}, got {block_fn!r}.')
-    if int(level) not in FILTER_SIZE_MAP:
-      raise ValueError(f'Block spec {i}: level must be in {sorted(FILTER_SIZE_MAP)}, got {level}.')
-    if i + 2 <= max(offsets) or min(offsets) < 0:
-      raise ValueError(f'Block spec {i} (block {i + 2}) reads blocks {tuple(offsets)}; '
-                       f'only blocks 0..{i + 1} exist before it.')
-    out.append(BlockSpec(int(level), block_fn, tuple(int(o) for o in offsets), bool(is_output)))
-  return tuple(out)
-
-
 class BlockGroup(nn.Module):
   """`repeats` blocks of one kind at stride 1; only the first may project.
 
@@ -214,6 +205,9 @@ class SpineNet(nn.Module):
       output block in the specs.
     block_specs: None for SPINENET_BLOCK_SPECS, or a sequence of BlockSpec /
       (level, block_fn, input_offsets, is_output).
+    spec: '' for `block_specs`; else a name in spinenet_search.NAMED_SPECS
+      ('spinenet49', 'r50', 'r0_sp53') or the path of a JSON specification
+      (spinenet_search.specs_to_json). Set at most one of spec and block_specs.
     endpoints_num_filters, filter_size_scale, resample_alpha, block_repeats:
       None takes the value of SCALING_MAP[model_id].
     activation: 'relu' | 'swish' (protocol C) | ...; see layers.activation.
@@ -221,12 +215,18 @@ class SpineNet(nn.Module):
     stochastic_depth_rate: block group i of the scale-permuted network drops
       its residual branches with probability rate * (i + 1) / len(block_specs)
       (TPU); the stem has none.
+    dropblock_keep_prob, dropblock_size: DropBlock on the output of every
+      scale-permuted block group ('dropblock' rng); keep_prob 1.0 disables it.
+      The paper uses DropBlock in protocol A without giving its settings;
+      configs use keep_prob 0.9 and block size 7, the DropBlock paper's
+      ResNet-50 values (without its linear keep_prob warm-up).
     dtype: activation dtype.
   """
   model_id: str = '49'
   min_level: int = 3
   max_level: int = 7
   block_specs: Sequence[Any] | None = None
+  spec: str = ''
   endpoints_num_filters: int | None = None
   filter_size_scale: float | None = None
   resample_alpha: float | None = None
@@ -235,6 +235,8 @@ class SpineNet(nn.Module):
   norm_momentum: float = 0.99
   norm_epsilon: float = 1e-3
   stochastic_depth_rate: float = 0.0
+  dropblock_keep_prob: float = 1.0
+  dropblock_size: int = 7
   dtype: Any = jnp.float32
 
   def _scaling(self, key):
@@ -253,27 +255,27 @@ class SpineNet(nn.Module):
     Args:
       images: [B, H, W, 3] normalized images; H and W multiples of
         2**max(max_level, coarsest block level) (128 for the default specs).
-      train: batch statistics and stochastic depth ('drop_path' rng) when True.
+      train: batch statistics, stochastic depth ('drop_path' rng) and
+        DropBlock ('dropblock' rng) when True.
 
     Returns:
       {l: [B, H/2**l, W/2**l, endpoints_num_filters]} for l = min_level..max_level.
     """
-    specs = normalize_block_specs(
-        SPINENET_BLOCK_SPECS if self.block_specs is None else self.block_specs)
+    # spinenet_search builds on this module's BlockSpec, hence the late import.
+    from jaxdet.models.backbones import spinenet_search  # pylint: disable=g-import-not-at-top
+    if self.spec and self.block_specs is not None:
+      raise ValueError(f'SpineNet got both spec={self.spec!r} and block_specs; set one.')
+    if self.spec:
+      specs = spinenet_search.load_spec(self.spec)
+    else:
+      specs = SPINENET_BLOCK_SPECS if self.block_specs is None else self.block_specs
+    specs = spinenet_search.validate(specs, min_level=self.min_level, max_level=self.max_level)
     scale = self._scaling('filter_size_scale')
     alpha = self._scaling('resample_alpha')
     repeats = self._scaling('block_repeats')
     endpoints_num_filters = self._scaling('endpoints_num_filters')
 
-    output_levels = sorted(s.level for s in specs if s.is_output)
-    if len(set(output_levels)) != len(output_levels):
-      raise ValueError(
-          f'SpineNet block specs have two output blocks on one level: {output_levels}.')
     wanted = list(range(self.min_level, self.max_level + 1))
-    if any(l not in output_levels for l in wanted):
-      raise ValueError(
-          f'SpineNet min_level={self.min_level}, max_level={self.max_level} asks for levels '
-          f'{wanted}, but the block specs output levels {output_levels}.')
     # Every level must tile the image exactly, or the cross-scale sums fail
     # deep inside the network with a size mismatch (the "14 vs 16" error of
     # inputs padded to a multiple of 64 only).
@@ -323,6 +325,8 @@ class SpineNet(nn.Module):
       x = BlockGroup(filters, spec.block_fn, repeats,
                      stochastic_depth_rate=self.stochastic_depth_rate * (i + 1) / len(specs),
                      name=f'group{i}', **common)(x, train=train)
+      x = layers.DropBlock(self.dropblock_keep_prob, self.dropblock_size,
+                           name=f'dropblock{i}')(x, train=train)
       blocks.append((x, spec.level, spec.block_fn))
       consumers.append(0)
       if spec.is_output:
