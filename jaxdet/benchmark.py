@@ -12,27 +12,22 @@ XLA's cost analysis of the compiled step; MFU divides achieved FLOP/s by the dev
 peak (bf16 dense) where it is known. Timings are printed, never asserted.
 """
 
-import os
 import resource
-import sys
 import time
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
-from ml_collections import config_flags
 import numpy as np
 
+from jaxdet import cli
+
+cli.make_configs_importable()
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so the module imports cleanly."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (with :variants).',
-                                  lock_config=True)
+  cli.define_config_flag()
   flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data'], 'What to time.')
   flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s).')
   flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')

@@ -14,23 +14,19 @@ import json
 import os
 import sys
 
-# The repository root (where configs/ lives) must be importable for `from configs import common`.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
+from jaxdet import cli
+
+cli.make_configs_importable()
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so the module imports cleanly."""
-  config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :variants.',
-                                  lock_config=True)
+  cli.define_config_flag()
   flags.DEFINE_string('workdir', None, 'Checkpoints, metrics.jsonl, TensorBoard, predictions.')
   flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict'],
                     'What to run.')
@@ -73,7 +69,7 @@ def run(config, workdir, mode, images=None, output=None):
   if mode in ('train', 'train_and_eval'):
     # Fail on a missing dataset before compiling anything.
     pipeline.check_available(config.data, config.data.train_split)
-    evaluate_fn = None
+    evaluate_fn = None  # Training alone.
     if mode == 'train_and_eval':
       pipeline.check_available(config.data, config.data.eval_split)
       module = train.model_module(config)

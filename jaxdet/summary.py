@@ -8,24 +8,18 @@ XLA counts a multiply-add as 2 FLOPs; detection papers usually quote multiply-ad
 are printed.
 """
 
-import os
-import sys
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-from absl import app  # pylint: disable=g-import-not-at-top
+from absl import app
 from absl import flags
-from ml_collections import config_flags
 
+from jaxdet import cli
+
+cli.make_configs_importable()
 FLAGS = flags.FLAGS
 
 
 def define_flags():
   """Command-line flags; defined only when run as a program, so the module imports cleanly."""
-  config_flags.DEFINE_config_file('config', None, 'Config file (with :variants).',
-                                  lock_config=True)
+  cli.define_config_flag()
   flags.mark_flags_as_required(['config'])
 
 

@@ -15,11 +15,8 @@ import time
 from typing import Any, Callable, Dict, Tuple
 
 from absl import logging
-import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 
 from jaxdet import checkpoint

@@ -7,25 +7,11 @@ import numpy as np
 import pytest
 
 from jaxdet.models.necks import fpn
+import model_testing
 
 
 def _shapes(model, features):
   return jax.eval_shape(lambda f: model.init(jax.random.key(0), f, train=False), features)
-
-
-def _random_variables(shapes, seed=0):
-  """Random kernels and biases, BN at identity (mean 0, var 1, scale 1, bias 0)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    if name == 'bias' and path[-2].key.startswith(('lateral', 'output', 'extra')):
-      return jnp.asarray(rng.normal(size=s.shape) * 0.5, s.dtype)
-    return jnp.full(s.shape, 1.0 if name in ('scale', 'var') else 0.0, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def _conv(x, kernel, bias, stride):
@@ -75,7 +61,7 @@ def _features(sizes, channels, seed=1):
 def test_matches_numpy_reference(sizes):
   features = _features(sizes, (3, 5, 6))
   model = fpn.FPN(num_filters=4, use_norm=False)
-  variables = _random_variables(_shapes(model, features))
+  variables = model_testing.random_variables(_shapes(model, features))
   out = model.apply(variables, features, train=False)
   expected = _reference_fpn(variables['params'], features, 3, 7)
   assert sorted(out) == [3, 4, 5, 6, 7]
@@ -88,7 +74,7 @@ def test_norm_follows_all_convs():
   features = _features({3: (8, 8), 4: (4, 4), 5: (2, 2)}, (3, 5, 6))
   plain = fpn.FPN(num_filters=4, use_norm=False)
   normed = fpn.FPN(num_filters=4, use_norm=True, norm_epsilon=1e-3)
-  variables = _random_variables(_shapes(normed, features))
+  variables = model_testing.random_variables(_shapes(normed, features))
   out = normed.apply(variables, features, train=False)
   ref = plain.apply({'params': {k: v for k, v in variables['params'].items()
                                 if not k.startswith('bn')}}, features, train=False)

@@ -7,43 +7,12 @@ import numpy as np
 import pytest
 
 from jaxdet.models.backbones import resnet
+import model_testing
 
 
 def _init_shapes(model, size=64):
   return jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
-
-
-def _random_variables(shapes, seed=0):
-  """Real variables for `shapes` without compiling Flax's init (slow on CPU).
-
-  Kernels ~ N(0, 1/fan_in) as the real initializer; BN at identity.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    return jnp.full(s.shape, 1.0 if name in ('scale', 'var') else 0.0, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _num_params(tree):
-  return sum(x.size for x in jax.tree.leaves(tree))
-
-
-def _compile_quickly(lowered):
-  """Compiles without XLA's CPU code optimizations: these tests check numbers,
-  not speed, and the optimizations triple the compile time of a full network."""
-  for options in ({'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False},
-                  {'xla_backend_optimization_level': 0}):
-    try:
-      return lowered.compile(compiler_options=options)
-    except Exception:  # pylint: disable=broad-except  (an option this XLA lacks)
-      continue
-  return lowered.compile()
 
 
 # torchvision.models.resnet{depth}() parameter totals minus the ImageNet fc
@@ -58,7 +27,7 @@ def _compile_quickly(lowered):
 ])
 def test_param_count_matches_torchvision(depth, expected):
   shapes = _init_shapes(resnet.ResNet(depth=depth))
-  assert _num_params(shapes['params']) == expected
+  assert model_testing.num_params(shapes['params']) == expected
   if depth == 50:
     assert expected == 23_508_032
 
@@ -103,7 +72,7 @@ def test_build_from_config_and_dtype():
 def test_tiny_forward():
   model = resnet.ResNet(depth=50, width=4, stochastic_depth_rate=0.5)
   images = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
-  variables = _random_variables(_init_shapes(model))
+  variables = model_testing.random_variables(_init_shapes(model))
 
   def forward(variables, images, key):
     eval_out = model.apply(variables, images, train=False)
@@ -111,7 +80,7 @@ def test_tiny_forward():
                                      rngs={'drop_path': key})
     return eval_out, train_out, updates
 
-  forward = _compile_quickly(jax.jit(forward).lower(variables, images, jax.random.key(0)))
+  forward = model_testing.compile_quickly(jax.jit(forward).lower(variables, images, jax.random.key(0)))
   eval_out, train_out, updates = forward(variables, images, jax.random.key(2))
   for l in range(2, 6):
     assert eval_out[l].shape == (2, 64 // 2**l, 64 // 2**l, 4 * 4 * 2**(l - 2))

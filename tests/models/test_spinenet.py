@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxdet.models.backbones import spinenet
+import model_testing
 
 
 @functools.lru_cache
@@ -20,38 +21,6 @@ def _shapes_of(model_id):
 def _init_shapes(model, size=256):
   images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-
-
-def _num_params(tree):
-  return sum(x.size for x in jax.tree.leaves(tree))
-
-
-def _random_variables(shapes, seed=0):
-  """Real variables for `shapes` without compiling Flax's init (slow on CPU).
-
-  Kernels ~ N(0, 1/fan_in) as the real initializer; BN at identity.
-  """
-  rng = np.random.default_rng(seed)
-
-  def fill(path, s):
-    name = path[-1].key
-    if name == 'kernel':
-      return jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])), s.dtype)
-    return jnp.full(s.shape, 1.0 if name in ('scale', 'var') else 0.0, s.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def _compile_quickly(lowered):
-  """Compiles without XLA's CPU code optimizations: these tests check numbers,
-  not speed, and the optimizations triple the compile time of a full network."""
-  for options in ({'xla_backend_optimization_level': 0, 'xla_cpu_use_fusion_emitters': False},
-                  {'xla_backend_optimization_level': 0}):
-    try:
-      return lowered.compile(compiler_options=options)
-    except Exception:  # pylint: disable=broad-except  (an option this XLA lacks)
-      continue
-  return lowered.compile()
 
 
 # Backbone parameters (conv kernels + BN scale/bias) at 640x640. With the
@@ -67,7 +36,7 @@ def _compile_quickly(lowered):
     ('190', 126_587_664),
 ])
 def test_param_counts(model_id, expected):
-  assert _num_params(_shapes_of(model_id)['params']) == expected
+  assert model_testing.num_params(_shapes_of(model_id)['params']) == expected
 
 
 def test_levels_and_channels():
@@ -112,7 +81,7 @@ def test_specs_from_lists_and_config():
   cfg = ml_collections.ConfigDict(dict(name='spinenet', model_id='49S', block_specs=as_lists))
   model = spinenet.build(cfg, 'bfloat16')
   assert model.dtype == jnp.bfloat16
-  assert _num_params(_init_shapes(model)) == _num_params(_shapes_of('49S'))
+  assert model_testing.num_params(_init_shapes(model)) == model_testing.num_params(_shapes_of('49S'))
   cfg.filter_scale = 0.5
   with pytest.raises(ValueError, match="'filter_scale'.*filter_size_scale"):
     spinenet.build(cfg, 'float32')
@@ -136,7 +105,7 @@ def test_tiny_forward_backward():
   model = spinenet.SpineNet(filter_size_scale=0.25, endpoints_num_filters=16,
                             stochastic_depth_rate=0.2)
   images = jax.random.normal(jax.random.key(0), (2, 128, 128, 3))
-  variables = _random_variables(_init_shapes(model, size=128))
+  variables = model_testing.random_variables(_init_shapes(model, size=128))
 
   def loss_fn(params, batch_stats, key):
     out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, images,
@@ -144,7 +113,7 @@ def test_tiny_forward_backward():
     loss = sum(jnp.mean(jnp.square(o)) for o in out.values())
     return loss, (out, updates['batch_stats'])
 
-  step = _compile_quickly(jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(
+  step = model_testing.compile_quickly(jax.jit(jax.value_and_grad(loss_fn, has_aux=True)).lower(
       variables['params'], variables['batch_stats'], jax.random.key(1)))
 
   (loss, (out, stats)), grads = step(variables['params'], variables['batch_stats'],
