@@ -20,16 +20,26 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 def initialize_distributed():
   """Starts jax.distributed when launched as one of several processes.
 
-  TPU pods and Slurm/MPI clusters are detected by jax itself; an explicit coordinator is
-  given by JAXDET_COORDINATOR (host:port), JAXDET_NUM_PROCESSES and JAXDET_PROCESS_ID.
+  An explicit coordinator is given by JAXDET_COORDINATOR (host:port), JAXDET_NUM_PROCESSES
+  and JAXDET_PROCESS_ID (launch/local.sh, launch/slurm_gpu.sbatch); each process then sees
+  all local devices unless JAX_LOCAL_DEVICE_IDS (comma-separated) restricts it. Without
+  them, TPU pods and Slurm/MPI jobs of more than one task are detected by jax itself.
   Single-process runs do nothing.
   """
+  # Cross-process collectives of the CPU backend (several processes on one or more CPU
+  # hosts) need an implementation; gloo over TCP is jax's own default from 0.5 on, older
+  # versions had none and fail at the first cross-process reduction.
+  if getattr(jax.config, 'jax_cpu_collectives_implementation', 'gloo') in (None, 'none'):
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   coordinator = os.environ.get('JAXDET_COORDINATOR')
   if coordinator:
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ['JAXDET_NUM_PROCESSES']),
-        process_id=int(os.environ['JAXDET_PROCESS_ID']))
+        process_id=int(os.environ['JAXDET_PROCESS_ID']),
+        # Everything is given: no guessing from the environment. Inside a Slurm job, jax's
+        # detection would otherwise restrict each process to GPU number SLURM_LOCALID.
+        cluster_detection_method='deactivate')
   elif any(k in os.environ for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
                                      'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
     if int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '2'))) > 1:

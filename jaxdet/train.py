@@ -64,6 +64,17 @@ def learning_rate_schedule(config) -> Callable[[Any], Any]:
       [optax.schedules.linear_schedule(init, lr, warmup), after], [warmup])
 
 
+def describe_schedule(config, schedule) -> str:
+  """One line with the learning rate at the schedule's turning points."""
+  opt = config.optimizer
+  total = config.num_train_steps
+  points = sorted({0, min(opt.warmup_steps, total), total - 1} | {
+      int(round(f * total)) if f <= 1 else int(f) for f in opt.decay_boundaries
+      if opt.schedule == 'step'})
+  return (f'{opt.name} {opt.schedule}, {total} steps, warmup {opt.warmup_steps}; lr ' +
+          ', '.join(f'{float(schedule(p)):.4g}@{p}' for p in points if 0 <= p < total))
+
+
 def is_kernel(path) -> bool:
   return parallel.path_str(path).endswith('kernel')
 
@@ -297,6 +308,7 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
       shard_index=jax.process_index(), shard_count=jax.process_count())
   logging.info('Training steps %d..%d, global batch %d on %s', start_step, total,
                config.global_batch_size, dict(mesh.shape))
+  logging.info('Schedule: %s', describe_schedule(config, schedule))
 
   pending = None          # (step, metrics) of the previous step: checked one step late.
   window_start, window_step = time.time(), start_step
