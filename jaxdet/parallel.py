@@ -22,8 +22,10 @@ def initialize_distributed():
 
   An explicit coordinator is given by JAXDET_COORDINATOR (host:port), JAXDET_NUM_PROCESSES
   and JAXDET_PROCESS_ID (launch/local.sh, launch/slurm_gpu.sbatch); each process then sees
-  all local devices unless JAX_LOCAL_DEVICE_IDS (comma-separated) restricts it. Without
-  them, TPU pods and Slurm/MPI jobs of more than one task are detected by jax itself.
+  all local devices unless JAX_LOCAL_DEVICE_IDS (comma-separated) restricts it.
+  JAXDET_DISTRIBUTED=auto lets jax detect everything (Cloud TPU VMs, Slurm, Open MPI, GKE;
+  launch/tpu_pod.sh sets it). Without either, Slurm/MPI jobs of more than one task and
+  TPU hosts that name their peers (TPU_WORKER_HOSTNAMES) are detected as well.
   Single-process runs do nothing.
   """
   # Cross-process collectives of the CPU backend (several processes on one or more CPU
@@ -33,13 +35,18 @@ def initialize_distributed():
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   coordinator = os.environ.get('JAXDET_COORDINATOR')
   if coordinator:
+    # Read here as well: jax itself reads JAX_LOCAL_DEVICE_IDS only from 0.4.32 on.
+    local = os.environ.get('JAX_LOCAL_DEVICE_IDS')
     jax.distributed.initialize(
         coordinator_address=coordinator,
         num_processes=int(os.environ['JAXDET_NUM_PROCESSES']),
         process_id=int(os.environ['JAXDET_PROCESS_ID']),
+        local_device_ids=[int(i) for i in local.split(',')] if local else None,
         # Everything is given: no guessing from the environment. Inside a Slurm job, jax's
         # detection would otherwise restrict each process to GPU number SLURM_LOCALID.
         cluster_detection_method='deactivate')
+  elif os.environ.get('JAXDET_DISTRIBUTED') == 'auto':
+    jax.distributed.initialize()
   elif any(k in os.environ for k in ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE',
                                      'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
     if int(os.environ.get('SLURM_NTASKS', os.environ.get('OMPI_COMM_WORLD_SIZE', '2'))) > 1:

@@ -136,11 +136,15 @@ def saved_state(workdir, step):
 
 
 def assert_states_close(a, b):
+  """Equal up to float32 summation order: cross-process reductions add in another order,
+  so entries that are small against their array (cancelling gradient sums in the momentum
+  trace) are compared at the array's scale."""
   np.testing.assert_equal(int(a['step']), int(b['step']))
   for part in ('params', 'batch_stats', 'opt_state'):
     jax.tree_util.tree_map_with_path(
         lambda path, x, y: np.testing.assert_allclose(
-            x, y, rtol=1e-4, atol=1e-6, err_msg=f'{part} {jax.tree_util.keystr(path)}'),
+            x, y, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(y), initial=0.0)) + 1e-7,
+            err_msg=f'{part} {jax.tree_util.keystr(path)}'),
         a[part], b[part])
 
 
@@ -213,6 +217,7 @@ def test_local_launcher_stops_all_when_one_fails(tmp_path):
   fake = tmp_path / 'fake_python.sh'
   fake.write_text(textwrap.dedent('''\
       #!/usr/bin/env bash
+      if [[ "$1" == -c ]]; then exec {python} "$@"; fi  # local.sh picking a free port
       echo "process $JAXDET_PROCESS_ID of $JAXDET_NUM_PROCESSES at $JAXDET_COORDINATOR: $*"
       survivor="$(dirname "$0")/survivor.pid"
       if [[ "$JAXDET_PROCESS_ID" == 1 ]]; then
@@ -221,7 +226,7 @@ def test_local_launcher_stops_all_when_one_fails(tmp_path):
       fi
       echo $$ > "$survivor"
       exec sleep 60
-      '''))
+      '''.format(python=sys.executable)))
   fake.chmod(0o755)
   env = dict(os.environ, PYTHON=str(fake), JAXDET_LOGDIR=str(tmp_path / 'logs'),
              JAXDET_KILL_GRACE='2')
