@@ -332,7 +332,11 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
                      time.strftime('%H:%M:%S', time.gmtime(eta)))
         writer.write(done, dict(host, images_per_sec=rate))
         window_start, window_step = time.time(), done
-      stop = preemption.requested  # Read once: a signal may land at any point of the step.
+      # Read once: a signal may land at any point of the step. With several processes they
+      # must agree on the step to stop at, or one saves while another steps and both hang:
+      # jax's preemption sync point (via orbax) gives every process the same answer.
+      stop = (mgr.reached_preemption(done) if jax.process_count() > 1
+              else preemption.requested)
       if done % config.checkpoint_every_steps == 0 or done == total or stop:
         _check_finite(done, jax.device_get(metrics))
         checkpoint.save(mgr, done, state, force=stop)

@@ -176,10 +176,9 @@ def test_two_processes_match_one_and_resume(tmp_path):
                           [str(tmp_path / f'{name}.out')],)
 
   try:
-    # The reference and the first launch overlap: process 1 idles while process 0 compiles.
+    # The reference overlaps the first launch, whose processes often wait for each other.
     started.append(start([sys.executable, str(reference_path), str(config_path), one, '6'],
-                         child_env(4),
-                         tmp_path / 'reference.log'))
+                         child_env(4), tmp_path / 'reference.log'))
     reference = started[-1] + ([str(tmp_path / 'reference.log')],)
     finish(*launch(3, 'first'), deadline)
     finish(*launch(6, 'second'), deadline)
@@ -194,12 +193,10 @@ def test_two_processes_match_one_and_resume(tmp_path):
   for name in ('first', 'second'):
     for i in range(2):
       with open(tmp_path / name / f'process_{i}.log') as f:
-        text = f.read()
-      assert f'process {i} of 2, 2 local / 4 global devices' in text, (name, i)
-      if name == 'second':
-        assert 'Restoring checkpoint 3' in text, (name, i)
+        assert f'process {i} of 2, 2 local / 4 global devices' in f.read(), (name, i)
 
-  # Only process 0 writes metrics: one line per step, none twice.
+  # Only process 0 writes metrics: one line per step, none twice; and the second launch
+  # went on from step 3 instead of starting again.
   two_metrics = read_metrics(two)
   assert [m['step'] for m in two_metrics] == [1, 2, 3, 4, 5, 6]
   one_metrics = read_metrics(one)
