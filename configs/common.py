@@ -123,6 +123,9 @@ def base_config():
       weight_decay=4e-5,            # L2 on conv/dense kernels only, as ½‖w‖² in the loss
       grad_clip_norm=10.0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))  # -1: all remaining devices
+  # (regex on the '/'-joined parameter path, PartitionSpec axes): shards big models over
+  # 'model' (parameters and optimizer state alike); no match means replicated.
+  c.partition_rules = ()
   return c
 
 

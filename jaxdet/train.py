@@ -148,7 +148,7 @@ def abstract_state(model, config, tx, mesh):
   shapes = jax.eval_shape(functools.partial(make_state, model, config, tx),
                           jax.random.key(0))
   shardings = parallel.shardings_from_rules(
-      shapes, mesh, tuple(config.get('partition_rules', ())))
+      shapes, mesh, tuple(config.partition_rules))
   return jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 

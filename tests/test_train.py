@@ -138,3 +138,22 @@ def test_non_finite_loss_stops_with_step(data_dir, tmp_path):
   c.num_train_steps = 6
   with pytest.raises(train.NonFiniteLossError, match='at step'):
     train.train(c, str(tmp_path / 'nan'))
+
+
+def test_sharded_parameters_step_equals_replicated(data_dir, tmp_path):
+  c = tiny.tiny_config(data_dir)
+  c.num_train_steps = 3
+  replicated = train.train(c, str(tmp_path / 'replicated'),
+                           mesh=parallel.make_mesh(c.mesh, jax.devices()[:4]))
+  c.mesh.data, c.mesh.model = 2, 2
+  c.partition_rules = (('kernel$', (None, None, None, 'model')),)
+  sharded = train.train(c, str(tmp_path / 'sharded'),
+                        mesh=parallel.make_mesh(c.mesh, jax.devices()[:4]))
+  kernel = sharded['params']['head']['class_conv0']['kernel']
+  assert kernel.sharding.spec[-1] == 'model'
+  assert len(kernel.addressable_shards) == 4
+  assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 2
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+                         params_of(replicated), params_of(sharded))
+  np.testing.assert_allclose([m['loss'] for m in read_metrics(tmp_path / 'replicated')],
+                             [m['loss'] for m in read_metrics(tmp_path / 'sharded')], rtol=1e-4)
