@@ -319,8 +319,8 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
       state, metrics = step_fn(state, batch)
       if pending is not None:
         _check_finite(*pending)
-      pending = (step + 1, metrics)
       done = step + 1
+      host = None  # This step's metrics on the host, once fetched (and checked).
       if done % config.log_every_steps == 0 or done == total:
         host = jax.device_get(metrics)
         _check_finite(done, host)
@@ -338,8 +338,12 @@ def train(config, workdir: str, *, mesh=None, evaluate_fn=None) -> Dict[str, Any
       stop = (mgr.reached_preemption(done) if jax.process_count() > 1
               else preemption.requested)
       if done % config.checkpoint_every_steps == 0 or done == total or stop:
-        _check_finite(done, jax.device_get(metrics))
+        if host is None:  # Never save a state whose loss is not finite.
+          host = jax.device_get(metrics)
+          _check_finite(done, host)
         checkpoint.save(mgr, done, state, force=stop)
+      # Unchecked metrics are checked next step, while that step runs on the device.
+      pending = (done, metrics) if host is None else None
       if evaluate_fn is not None and config.eval_every_steps and (
           done % config.eval_every_steps == 0) and done != total:
         writer.write(done, evaluate_fn(state, done))

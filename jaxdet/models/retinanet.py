@@ -142,14 +142,18 @@ class Model(nn.Module):
     }
 
 
-def anchors_for(image_shape, model_cfg) -> np.ndarray:
-  """Static anchors [total_anchors, 4] (x1, y1, x2, y2) input pixels for an [H, W] canvas."""
-  by_level = anchor_ops.generate_anchors(
+def anchors_by_level(image_shape, model_cfg):
+  """Static anchors per level, {level: [H_l, W_l, A, 4]} input pixels, for an [H, W] canvas."""
+  return anchor_ops.generate_anchors(
       tuple(image_shape), min_level=model_cfg.min_level, max_level=model_cfg.max_level,
       num_scales=model_cfg.anchor.num_scales,
       aspect_ratios=tuple(model_cfg.anchor.aspect_ratios),
       anchor_size=model_cfg.anchor.anchor_size)
-  return anchor_ops.flatten_anchors(by_level)
+
+
+def anchors_for(image_shape, model_cfg) -> np.ndarray:
+  """Static anchors [total_anchors, 4] (x1, y1, x2, y2) input pixels, in the outputs' order."""
+  return anchor_ops.flatten_anchors(anchors_by_level(image_shape, model_cfg))
 
 
 def assign_targets(anchors, gt_boxes, gt_classes, gt_crowd, model_cfg):
@@ -224,10 +228,7 @@ def postprocess(outputs, batch, config):
   cfg = config.model
   pp = cfg.postprocess
   image_shape = batch['image'].shape[1:3]
-  by_level = anchor_ops.generate_anchors(
-      tuple(image_shape), min_level=cfg.min_level, max_level=cfg.max_level,
-      num_scales=cfg.anchor.num_scales, aspect_ratios=tuple(cfg.anchor.aspect_ratios),
-      anchor_size=cfg.anchor.anchor_size)
+  by_level = anchors_by_level(image_shape, cfg)
   sizes = anchor_ops.level_sizes(by_level)
   anchors = jnp.asarray(anchor_ops.flatten_anchors(by_level))
   scores = jax.nn.sigmoid(outputs['cls_logits'])               # [B, A, C]
