@@ -25,7 +25,9 @@ def make_predict_fn(model, module, config, mesh):
   """jit((variables, batch) -> detections), batch sharded over 'data'."""
 
   def predict(variables, batch):
-    outputs = model.apply(variables, batch['image'], train=False)
+    # The whole batch goes in as `targets`: models that need per-image metadata at inference
+    # (DETR's padding mask from orig_size/scale/offset) read it; none may read ground truth.
+    outputs = model.apply(variables, batch['image'], train=False, targets=batch)
     return module.postprocess(outputs, batch, config)
 
   return jax.jit(predict, in_shardings=(None, parallel.batch_sharding(mesh)))
