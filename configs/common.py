@@ -129,6 +129,11 @@ def base_config():
   return c
 
 
+# Fully sharded data parallelism (jaxdet.parallel.FSDP_RULES): every conv/dense kernel's
+# output dimension, and its optimizer state, split over the 'data' axis.
+FSDP_RULES = (('kernel$', ('...', 'data')),)
+
+
 def tie_activation(config, name):
   """Backbone and head share one activation (SpineNet protocol C swaps both to swish)."""
   config.model.activation = name

@@ -11,4 +11,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  return common.spinenet_retinanet('190', arg)
+  c = common.spinenet_retinanet('190', arg)
+  # 164M parameters plus momentum: shard both over the data axis (FSDP) instead of keeping a
+  # copy on every device; `--config.partition_rules='()'` replicates them again.
+  c.partition_rules = common.FSDP_RULES
+  return c

@@ -84,11 +84,20 @@ def path_str(path) -> str:
                   for k in path)
 
 
+# Fully sharded data parallelism: every kernel's output dimension split over the devices that
+# also split the batch; XLA gathers a layer's weights where they are used and reduce-scatters
+# their gradients. For models whose parameters and Adam/momentum state do not fit one device
+# (SpineNet-190, Swin-L): set `config.partition_rules = parallel.FSDP_RULES`.
+FSDP_RULES = (('kernel$', ('...', 'data')),)
+
+
 def shardings_from_rules(abstract_tree, mesh: Mesh,
                          rules: Sequence[Tuple[str, Tuple]] = ()) -> Any:
   """NamedShardings for a pytree of ShapeDtypeStructs from (regex, spec) rules.
 
   The first rule whose regex matches the '/'-joined path wins; no match means replicated.
+  A spec that starts with '...' is aligned to the last dimensions, whatever the rank:
+  ('...', 'data') shards the output dimension of every conv and dense kernel (FSDP).
   A spec axis is dropped (replicated) when the dimension does not divide the mesh axis.
   """
   compiled = [(re.compile(pattern), tuple(spec)) for pattern, spec in rules]
@@ -97,6 +106,8 @@ def shardings_from_rules(abstract_tree, mesh: Mesh,
     name = path_str(path)
     for pattern, spec in compiled:
       if pattern.search(name):
+        if spec and spec[0] in ('...', Ellipsis):
+          spec = (None,) * max(len(leaf.shape) - len(spec) + 1, 0) + spec[1:]
         spec = tuple(
             axis if axis is None or i >= len(leaf.shape)
             or leaf.shape[i] % mesh.shape[axis] == 0 else None

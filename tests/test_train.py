@@ -140,19 +140,29 @@ def test_non_finite_loss_stops_with_step(data_dir, tmp_path):
     train.train(c, str(tmp_path / 'nan'))
 
 
-def test_sharded_parameters_step_equals_replicated(data_dir, tmp_path):
+@pytest.mark.parametrize('mesh_shape,rules,axis', [
+    # Tensor-parallel style: kernels split over a 'model' axis beside 'data'.
+    ((2, 2), (('kernel$', (None, None, None, 'model')),), 'model'),
+    # FSDP: every kernel's output dimension split over the batch's own axis.
+    ((4, 1), parallel.FSDP_RULES, 'data'),
+])
+def test_sharded_parameters_step_equals_replicated(data_dir, tmp_path, mesh_shape, rules, axis):
   c = tiny.tiny_config(data_dir)
   c.num_train_steps = 3
   replicated = train.train(c, str(tmp_path / 'replicated'),
                            mesh=parallel.make_mesh(c.mesh, jax.devices()[:4]))
-  c.mesh.data, c.mesh.model = 2, 2
-  c.partition_rules = (('kernel$', (None, None, None, 'model')),)
+  c.mesh.data, c.mesh.model = mesh_shape
+  c.partition_rules = rules
   sharded = train.train(c, str(tmp_path / 'sharded'),
                         mesh=parallel.make_mesh(c.mesh, jax.devices()[:4]))
   kernel = sharded['params']['head']['class_conv0']['kernel']
-  assert kernel.sharding.spec[-1] == 'model'
+  parts = mesh_shape[0] if axis == 'data' else mesh_shape[1]
+  assert kernel.sharding.spec[-1] == axis
   assert len(kernel.addressable_shards) == 4
-  assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // 2
+  assert kernel.addressable_shards[0].data.shape[-1] == kernel.shape[-1] // parts
+  momentum = jax.tree_util.tree_leaves(sharded['opt_state'])
+  assert any(getattr(m, 'sharding', None) is not None and axis in tuple(m.sharding.spec)
+             for m in momentum)  # The optimizer state is sharded with its parameters.
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                          params_of(replicated), params_of(sharded))
   np.testing.assert_allclose([m['loss'] for m in read_metrics(tmp_path / 'replicated')],
