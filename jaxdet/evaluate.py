@@ -66,7 +66,9 @@ def coco_evaluate(ground_truth, results: List[Dict[str, Any]], iou_type: str = '
   if not results:
     logging.warning('No detections: every %s metric is 0.', iou_type)
     return {f'{iou_type}/{name}': 0.0 for name in STAT_NAMES}
-  detections = ground_truth.loadRes(results)
+  # loadRes adds a box polygon as 'segmentation' to bbox results: give it copies, so a box-only
+  # model's results do not later look like mask results.
+  detections = ground_truth.loadRes([dict(r) for r in results])
   evaluator = COCOeval(ground_truth, detections, iou_type)
   if image_ids is not None:
     evaluator.params.imgIds = sorted(set(int(i) for i in image_ids))

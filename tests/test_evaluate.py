@@ -49,6 +49,14 @@ def test_perfect_detections_score_ap_one():
   assert set(metrics) == {f'bbox/{n}' for n in evaluate.STAT_NAMES}
 
 
+def test_bbox_evaluation_leaves_results_untouched():
+  """pycocotools' loadRes writes box polygons into bbox results; ours must stay box-only so
+  that a box model on a dataset with masks is not scored as if it predicted masks."""
+  results = [{'image_id': 7, 'category_id': 3, 'bbox': [10, 10, 20, 20], 'score': 0.9}]
+  evaluate.coco_evaluate(_ground_truth(), results, 'bbox')
+  assert results == [{'image_id': 7, 'category_id': 3, 'bbox': [10, 10, 20, 20], 'score': 0.9}]
+
+
 def test_wrong_class_and_shifted_boxes_score_lower():
   # Right box, wrong class on image 7; a box with IoU ~0.6 on image 9.
   dets = _detections([[[10, 10, 50, 40]], [[70, 20, 170, 80]]], [[1], [1]], [[0.9], [0.8]])

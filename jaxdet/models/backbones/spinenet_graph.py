@@ -23,9 +23,8 @@ def draw_spec(specs, *, title: str = '', num_stem_blocks: int = 2, ax=None,
 
   Returns the matplotlib Axes. Bottlenecks are circles, residual blocks squares.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
   if ax is None:
-    matplotlib.use('Agg', force=False)
+    # pyplot picks the backend: inline in notebooks, Agg without a display.
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
     _, ax = plt.subplots(figsize=(10, 4))
   specs = spinenet_search.load_spec(specs) if isinstance(specs, str) else tuple(specs)
@@ -49,8 +48,6 @@ def draw_spec(specs, *, title: str = '', num_stem_blocks: int = 2, ax=None,
 
 def draw_specs(named: Sequence[str]):
   """One row per named spec, e.g. draw_specs(['spinenet49', 'r0_sp53', 'r50'])."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg', force=False)
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(len(named), 1, figsize=(10, 3.2 * len(named)), squeeze=False)
   for ax, name in zip(axes[:, 0], named):
