@@ -6,7 +6,7 @@ so the step is all that is needed to resume the data exactly where it stopped.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from absl import logging
 import jax
@@ -81,17 +81,31 @@ def export_params(path: str, variables):
   checkpointer.wait_until_finished()
 
 
-def import_params(path: str, abstract_variables):
+def _restrict(abstract, saved):
+  """The part of `abstract` that `saved` covers (saved entries the model lacks are left out,
+  so that `check_fits` names them as unexpected)."""
+  if not isinstance(saved, Mapping) or not isinstance(abstract, Mapping):
+    return abstract
+  return {k: _restrict(abstract[k], v) for k, v in saved.items() if k in abstract}
+
+
+def import_params(path: str, abstract_variables, *, partial: bool = False):
   """Loads a params-only checkpoint into the structure and shardings of abstract_variables.
 
   Every entry must be present with the right shape; anything else is a
-  CheckpointMismatchError that lists the offending names.
+  CheckpointMismatchError that lists the offending names. With `partial`, the checkpoint
+  may cover only some subtrees (a converted backbone: {'params': {'backbone': ...}}); those
+  are returned, and the caller keeps its own values elsewhere. Entries the model lacks, or
+  with other shapes, are errors either way.
   """
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f'init_from={path} does not exist.')
   checkpointer = ocp.StandardCheckpointer()
   metadata = checkpointer.metadata(path)
-  check_fits(getattr(metadata, 'item_metadata', None) or getattr(metadata, 'tree', metadata),
-             abstract_variables, f'init_from checkpoint {path}')
-  return checkpointer.restore(path, abstract_variables)
+  saved = getattr(metadata, 'item_metadata', None) or getattr(metadata, 'tree', metadata)
+  # orbax wraps the saved tree's metadata; its `.tree` is the nested dict.
+  target = (_restrict(abstract_variables, getattr(saved, 'tree', saved)) if partial
+            else abstract_variables)
+  check_fits(saved, target, f'init_from checkpoint {path}')
+  return checkpointer.restore(path, target)

@@ -61,6 +61,18 @@ MIN_CONTRAST = 80.0            # RGB distance of a fill to what lies beneath it
 JPEG_QUALITY = 92
 _SPLITS = ('train', 'validation')
 
+# How hard the images are (`data.shapes.style`). 'standard' is everything above: up to 10
+# objects from ~9 px, textured backgrounds and fills, unlabelled line clutter. 'simple' is
+# the classic synthetic-shapes task (few objects on smooth backgrounds, solid fills, no
+# clutter, nothing smaller than ~16 px), which a detector trained from scratch learns within
+# minutes on a CPU; the CPU demo uses it. Occlusion, the border and the sensor noise are the
+# same in both.
+STYLES = {
+    'standard': dict(max_objects=MAX_OBJECTS, min_diameter_scale=1.0, textures=True,
+                     clutter=True),
+    'simple': dict(max_objects=4, min_diameter_scale=1.6, textures=False, clutter=False),
+}
+
 
 # ------------------------------------------------------------------------------- drawing ---
 
@@ -132,13 +144,20 @@ def _shape_region(label, cx, cy, radius, angle, aspect, size):
   return y0, x0, inside[sy, sx], dx[:, sx], dy[sy], full_area
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-  """A textured background: float32 [size, size, 3] in [0, 255]-ish RGB."""
+def _background(rng: np.random.Generator, size: int, textures: bool = True,
+                clutter: bool = True) -> np.ndarray:
+  """A background: float32 [size, size, 3] in [0, 255]-ish RGB.
+
+  Always a smooth colour field; with `textures` also stripes, blotches or a checkerboard,
+  with `clutter` sometimes unlabelled thin lines.
+  """
   base = rng.uniform(30, 225, 3)
   k = int(rng.integers(2, 6))
   grid = np.clip(base + rng.normal(0, rng.uniform(10, 50), (k, k, 3)), 0, 255)
   field = np.asarray(Image.fromarray(grid.astype(np.uint8)).resize(
       (size, size), Image.BILINEAR), np.float32)
+  if not textures:
+    return field
   coords = np.arange(size, dtype=np.float32) + 0.5
   xx, yy = coords[None, :], coords[:, None]
   kind = rng.integers(4)
@@ -156,7 +175,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     cell = rng.uniform(8, 48)
     sign_x, sign_y = 1 - 2 * (np.floor(xx / cell) % 2), 1 - 2 * (np.floor(yy / cell) % 2)
     field += (rng.uniform(8, 25) * sign_x * sign_y)[..., None]
-  if rng.random() < 0.35:  # unlabelled clutter: thin lines
+  if clutter and rng.random() < 0.35:  # unlabelled clutter: thin lines
     canvas = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for _ in range(int(rng.integers(1, 5))):
@@ -167,10 +186,10 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
   return field
 
 
-def _fill(rng, colour, dx, dy, radius):
+def _fill(rng, colour, dx, dy, radius, textures=True):
   """Solid colour [3] or a textured fill [h, w, 3] for a shape; and its mean colour [3]."""
   kind = rng.choice(4, p=(0.65, 0.15, 0.1, 0.1))
-  if kind == 0:
+  if kind == 0 or not textures:
     return colour, colour
   second = colour * rng.uniform(0.4, 0.65)
   if kind == 1:  # stripes
@@ -186,22 +205,27 @@ def _fill(rng, colour, dx, dy, radius):
   return colour * (1 - t) + second * t, (colour + second) / 2
 
 
-def render(image_size: int, seed: int, split: str, index: int) -> Dict[str, np.ndarray]:
-  """Draws image `index` of `split`; a pure function of its arguments.
+def render(image_size: int, seed: int, split: str, index: int,
+           style: str = 'standard') -> Dict[str, np.ndarray]:
+  """Draws image `index` of `split` in `style` (STYLES); a pure function of its arguments.
 
   Returns image uint8 [S, S, 3]; instance_map uint8 [S, S] (0 background, i for object i - 1);
   boxes float32 [n, 4] (x1, y1, x2, y2) pixels, the tight box of each visible mask;
   labels int64 [n] in 0..5; areas int64 [n] visible pixel counts.
   """
+  if style not in STYLES:
+    raise ValueError(f'data.shapes.style={style!r}; choose one of {sorted(STYLES)}.')
+  st = STYLES[style]
   size = image_size
   rng = np.random.default_rng([seed, _SPLITS.index(split), index])
-  background = _background(rng, size)
+  background = _background(rng, size, st['textures'], st['clutter'])
   image = background.copy()
   instance_map = np.zeros((size, size), np.uint8)
-  num = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, MAX_OBJECTS + 1))
+  num = 0 if rng.random() < EMPTY_FRACTION else int(rng.integers(1, st['max_objects'] + 1))
   labels = rng.integers(0, len(CLASS_NAMES), num)
-  diameters = np.array([np.exp(rng.uniform(np.log(MIN_DIAMETER[c]), np.log(
-      max(MIN_DIAMETER[c], MAX_DIAMETER * size)))) for c in labels])
+  smallest = [MIN_DIAMETER[c] * st['min_diameter_scale'] for c in labels]
+  diameters = np.array([np.exp(rng.uniform(np.log(lo), np.log(max(lo, MAX_DIAMETER * size))))
+                        for lo in smallest])
   order = np.argsort(-diameters, kind='stable')  # large first: small ones occlude them
   placed_labels, regions, full_areas, visible, mean_colours = [], [], [], [], []
   for label, diameter in zip(labels[order], diameters[order]):
@@ -230,7 +254,7 @@ def render(image_size: int, seed: int, split: str, index: int) -> Dict[str, np.n
           candidates[:, None] - np.asarray(references)[None], axis=-1), axis=1)
       good = np.flatnonzero(distance >= MIN_CONTRAST)
       colour = candidates[good[0] if good.size else np.argmax(distance)].astype(np.float32)
-      fill, mean_colour = _fill(rng, colour, dx, dy, radius)
+      fill, mean_colour = _fill(rng, colour, dx, dy, radius, st['textures'])
       region = image[y0:y0 + h, x0:x0 + w]
       region[mask] = fill[mask] if fill.ndim == 3 else fill
       instance_map[y0:y0 + h, x0:x0 + w][mask] = len(visible) + 1
@@ -280,6 +304,7 @@ class ShapesConfig(tfds.core.BuilderConfig):
   num_validation: int = 500
   image_size: int = 256
   seed: int = 0
+  style: str = 'standard'
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -321,7 +346,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     out_dir = os.fspath(self.data_dir)
     images, annotations = [], []
     for index in range(count):
-      drawn = render(config.image_size, config.seed, split, index)
+      drawn = render(config.image_size, config.seed, split, index, config.style)
       image_id = index + 1
       height, width = drawn['image'].shape[:2]
       images.append(dict(id=image_id, width=width, height=height,
@@ -353,25 +378,30 @@ class Shapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 def builder(data_cfg: ml_collections.ConfigDict) -> Shapes:
   """The prepared builder of `data_cfg.shapes` in `data_cfg.data_dir`; prepares it if needed."""
   s = data_cfg.shapes
+  style = str(s.get('style', 'standard'))
+  if style not in STYLES:
+    raise ValueError(f'data.shapes.style={style!r}; choose one of {sorted(STYLES)}.')
   return _prepared(data_cfg.data_dir, int(s.num_train), int(s.num_validation),
-                   int(s.image_size), int(s.seed))
+                   int(s.image_size), int(s.seed), style)
 
 
 @functools.lru_cache(maxsize=8)
-def _prepared(data_dir, num_train, num_validation, image_size, seed) -> Shapes:
+def _prepared(data_dir, num_train, num_validation, image_size, seed, style) -> Shapes:
   # Cached: one builder per variant and process (tfds logs each custom config it meets).
 
   def make():
+    suffix = '' if style == 'standard' else f'_{style}'
     config = ShapesConfig(
-        name=f'train{num_train}_val{num_validation}_size{image_size}_seed{seed}',
-        num_train=num_train, num_validation=num_validation, image_size=image_size, seed=seed)
+        name=f'train{num_train}_val{num_validation}_size{image_size}_seed{seed}{suffix}',
+        num_train=num_train, num_validation=num_validation, image_size=image_size, seed=seed,
+        style=style)
     return Shapes(config=config, data_dir=data_dir)
 
   b = make()
   if b.is_prepared():
     return b
-  logging.info('Generating the shapes dataset (%d train + %d validation images at %d px) in %s',
-               num_train, num_validation, image_size, b.data_dir)
+  logging.info('Generating the shapes dataset (%d train + %d validation %s images at %d px) '
+               'in %s', num_train, num_validation, style, image_size, b.data_dir)
   start = time.time()
   try:
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(

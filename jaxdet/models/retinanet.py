@@ -8,7 +8,6 @@ the head, pre-NMS top-k 5000, score 0.05, NMS 0.5, 100 detections
 (`../shared/reference/spinenet.md` sections 3.3-3.4 of the project's design notes).
 """
 
-import importlib
 import math
 from typing import Any, Dict
 
@@ -23,21 +22,9 @@ from jaxdet.ops import anchors as anchor_ops
 from jaxdet.ops import boxes as box_ops
 from jaxdet.ops import matching
 from jaxdet.ops import nms as nms_ops
+from jaxdet.models import backbones
 from jaxdet.models import layers
-
-
-def build_backbone(model_cfg, dtype):
-  """Imports `jaxdet.models.backbones.<name>` and builds it from its sub-config."""
-  module = importlib.import_module(f'jaxdet.models.backbones.{model_cfg.backbone.name}')
-  return module.build(model_cfg.backbone, dtype, name='backbone')
-
-
-def build_neck(model_cfg, dtype):
-  """`jaxdet.models.necks.<name>`, or None when the backbone feeds the head directly."""
-  if 'neck' not in model_cfg or model_cfg.neck.name in ('', 'none', 'identity'):
-    return None
-  module = importlib.import_module(f'jaxdet.models.necks.{model_cfg.neck.name}')
-  return module.build(model_cfg.neck, dtype, name='neck')
+from jaxdet.models import necks
 
 
 def num_anchors_per_location(model_cfg) -> int:
@@ -120,8 +107,8 @@ class Model(nn.Module):
     del targets  # One-stage: assignment happens in `loss`.
     cfg = self.config.model
     dtype = jnp.dtype(self.config.dtype)
-    features = build_backbone(cfg, dtype)(images.astype(dtype), train=train)
-    neck = build_neck(cfg, dtype)
+    features = backbones.build(cfg, dtype)(images.astype(dtype), train=train)
+    neck = necks.build(cfg, dtype)
     if neck is not None:
       features = neck(features, train=train)
     features = {l: features[l] for l in range(cfg.min_level, cfg.max_level + 1)}
@@ -205,20 +192,6 @@ def loss(outputs, batch, config):
                  'num_positives': num_positives / labels.shape[0]}
 
 
-def to_original_pixels(boxes, batch):
-  """boxes: [B, K, 4] input pixels -> original-image pixels, clipped to the original size.
-
-  The pipeline's convention: input = original * scale - offset.
-  """
-  sy, sx = batch['scale'][:, 0, None], batch['scale'][:, 1, None]
-  oy, ox = batch['offset'][:, 0, None], batch['offset'][:, 1, None]
-  out = jnp.stack([(boxes[..., 0] + ox) / sx, (boxes[..., 1] + oy) / sy,
-                   (boxes[..., 2] + ox) / sx, (boxes[..., 3] + oy) / sy], axis=-1)
-  h = batch['orig_size'][:, 0, None].astype(jnp.float32)
-  w = batch['orig_size'][:, 1, None].astype(jnp.float32)
-  return box_ops.clip_boxes(out, h, w)
-
-
 def postprocess(outputs, batch, config):
   """Per-level top-k, decode, score threshold, class-aware NMS, top `max_detections`.
 
@@ -265,6 +238,6 @@ def postprocess(outputs, batch, config):
   det_boxes = jnp.take_along_axis(cand_boxes, safe[..., None], 1)
   det_scores = jnp.where(is_valid, jnp.take_along_axis(cand_scores, safe, 1), 0.0)
   det_classes = jnp.where(is_valid, jnp.take_along_axis(cand_class, safe, 1), -1)
-  det_boxes = jnp.where(is_valid[..., None], to_original_pixels(det_boxes, batch), 0.0)
+  det_boxes = jnp.where(is_valid[..., None], box_ops.to_original_pixels(det_boxes, batch), 0.0)
   return {'boxes': det_boxes, 'scores': det_scores, 'classes': det_classes.astype(jnp.int32),
           'num': num.astype(jnp.int32)}

@@ -199,6 +199,29 @@ def clip_boxes(boxes, height, width):
   return jnp.stack([x1, y1, x2, y2], axis=-1)
 
 
+def to_original_pixels(boxes, batch):
+  """Input-pixel boxes -> original-image pixels, clipped to the original image.
+
+  The pipeline's convention (DESIGN.md data contract): input = original * scale - offset.
+
+  Args:
+    boxes: [B, K, 4] (x1, y1, x2, y2) input pixels.
+    batch: dict with 'scale' [B, 2] (sy, sx), 'offset' [B, 2] (oy, ox) and 'orig_size'
+      [B, 2] (height, width).
+
+  Returns:
+    [B, K, 4] float32 original-image pixels.
+  """
+  boxes = _f32(boxes)
+  sy, sx = batch['scale'][:, 0, None], batch['scale'][:, 1, None]
+  oy, ox = batch['offset'][:, 0, None], batch['offset'][:, 1, None]
+  out = jnp.stack([(boxes[..., 0] + ox) / sx, (boxes[..., 1] + oy) / sy,
+                   (boxes[..., 2] + ox) / sx, (boxes[..., 3] + oy) / sy], axis=-1)
+  h = batch['orig_size'][:, 0, None].astype(jnp.float32)
+  w = batch['orig_size'][:, 1, None].astype(jnp.float32)
+  return clip_boxes(out, h, w)
+
+
 def encode_boxes(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
   """Encodes boxes as regression deltas relative to anchors (R-CNN coder).
 

@@ -316,15 +316,16 @@ def roi_pool(features, boxes, *, output_size, spatial_scale, max_bin_size=None):
   q = _round_half_away(boxes * spatial_scale)  # [B, R, 4]
 
   def bounds(start, end, out, extent):
-    # torchvision: roi size includes the end cell and is at least 1.
-    size = jnp.maximum(end - start + 1.0, 1.0)
-    bin_size = (size / out)[..., None]
-    p = jnp.arange(out, dtype=jnp.float32)
-    lo = jnp.floor(p * bin_size) + start[..., None]
-    hi = jnp.ceil((p + 1.0) * bin_size) + start[..., None]
-    lo = jnp.clip(lo, 0, extent).astype(jnp.int32)
-    hi = jnp.clip(hi, 0, extent).astype(jnp.int32)
-    return lo, hi
+    # torchvision: roi size includes the end cell and is at least 1. The bin bounds
+    # floor(p * size / out) and ceil((p + 1) * size / out) are computed in integers: in
+    # float32, (size / out) * out can land just above an integer, and XLA may evaluate it
+    # differently depending on the batch, moving a bin edge by a cell.
+    start = start.astype(jnp.int32)
+    size = jnp.maximum(end.astype(jnp.int32) - start + 1, 1)[..., None]
+    p = jnp.arange(out, dtype=jnp.int32)
+    lo = (p * size) // out + start[..., None]
+    hi = ((p + 1) * size + out - 1) // out + start[..., None]
+    return jnp.clip(lo, 0, extent), jnp.clip(hi, 0, extent)
 
   y0, y1 = bounds(q[..., 1], q[..., 3], out_h, h)
   x0, x1 = bounds(q[..., 0], q[..., 2], out_w, w)

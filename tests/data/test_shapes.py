@@ -138,6 +138,33 @@ def test_sizes_cover_coco_ranges_at_256():
   assert set(np.concatenate(labels)) == set(range(len(shapes.CLASS_NAMES)))
 
 
+def test_simple_style_is_few_larger_objects_on_smooth_backgrounds():
+  counts, areas = [], []
+  for index in range(40):
+    simple = shapes.render(128, 0, 'validation', index, 'simple')
+    counts.append(len(simple['boxes']))
+    boxes = simple['boxes']
+    areas.extend((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+  assert max(counts) <= shapes.STYLES['simple']['max_objects']
+  # Without textures or clutter the background is a smooth colour field: neighbouring pixels
+  # differ by a fraction of a grey level (the standard style's stripes and checks do not).
+  roughness = [np.abs(np.diff(shapes._background(np.random.default_rng(i), 128, False, False),
+                              axis=1)).mean() for i in range(10)]
+  textured = [np.abs(np.diff(shapes._background(np.random.default_rng(i), 128), axis=1)).mean()
+              for i in range(10)]
+  assert max(roughness) < 1.5 and max(textured) > 3
+  assert min(areas) >= 100 and np.mean(counts) > 1.5
+  with pytest.raises(ValueError, match='style'):
+    shapes.render(64, 0, 'train', 0, 'hard')
+
+
+def test_standard_style_is_the_default_rendering():
+  a, b = shapes.render(64, 3, 'train', 2), shapes.render(64, 3, 'train', 2, 'standard')
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a['image'], shapes.render(64, 3, 'train', 2, 'simple')['image'])
+
+
 def test_shards_partition_the_split(cfg):
   ids = []
   for index in range(3):

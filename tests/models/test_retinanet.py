@@ -9,6 +9,7 @@ import pytest
 
 from jaxdet import summary
 from jaxdet.models import retinanet
+from jaxdet.ops import boxes as box_ops
 
 # Paper Table 2 (RetinaNet totals) and the TPU model zoo's R50-FPN. The reference code
 # counts 91 COCO classes (background id 0 included), so the counts use num_classes=91.
@@ -120,5 +121,5 @@ def test_crowd_and_padding_never_make_positives():
 def test_to_original_pixels_clips_to_the_image():
   batch = {'scale': jnp.array([[2.0, 2.0]]), 'offset': jnp.array([[0.0, 0.0]]),
            'orig_size': jnp.array([[10, 20]])}
-  out = retinanet.to_original_pixels(jnp.array([[[-4.0, 2.0, 60.0, 30.0]]]), batch)
+  out = box_ops.to_original_pixels(jnp.array([[[-4.0, 2.0, 60.0, 30.0]]]), batch)
   np.testing.assert_allclose(np.asarray(out), [[[0.0, 1.0, 20.0, 10.0]]])

@@ -1,7 +1,6 @@
 """Tests for jaxdet.ops.sampling: counts, fractions, uniformity, Libra quotas, SNIP."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -15,6 +15,12 @@ backbone {l: C_l} -> {l: P_l} for l = min_level..max_level, each with
 
 The extra levels read the pre-BN outputs of the level below, and all convs keep
 their bias, as the TPU FPN does.
+
+`extra_levels='maxpool'` is the FPN of Faster / Mask R-CNN (Lin et al. 2017,
+sec. 4.1; detectron2 `LastLevelMaxPool`): every level above L is the level
+below subsampled by a 1x1 max-pool of stride 2, with no parameters. With
+min_level 2, max_level 6 and `use_norm=False` on ResNet C2-C5 this is
+detectron2's R50-FPN (P2-P5 from convs, P6 from P5).
 """
 
 from typing import Any
@@ -37,6 +43,8 @@ class FPN(nn.Module):
     use_norm: BatchNorm (no activation) after each output conv, as the TPU
       FPN; False gives the original FPN (and torchvision's) layout.
     activation: applied before the conv of every extra level above the first.
+    extra_levels: how levels above the backbone's are made: 'conv' (3x3/2
+      convs, RetinaNet) or 'maxpool' (1x1/2 max-pool, Faster / Mask R-CNN).
     norm_momentum, norm_epsilon: BatchNorm settings.
     dtype: activation dtype.
   """
@@ -45,6 +53,7 @@ class FPN(nn.Module):
   num_filters: int = 256
   use_norm: bool = True
   activation: str = 'relu'
+  extra_levels: str = 'conv'
   norm_momentum: float = 0.99
   norm_epsilon: float = 1e-3
   dtype: Any = jnp.float32
@@ -81,9 +90,16 @@ class FPN(nn.Module):
       h, w = lateral[l].shape[1:3]
       merged[l] = layers.upsample_nearest(merged[l + 1], 2)[:, :h, :w] + lateral[l]
 
+    if self.extra_levels not in ('conv', 'maxpool'):
+      raise ValueError(f"FPN extra_levels={self.extra_levels!r}; use 'conv' or 'maxpool'.")
     out = {l: conv(3, 1, f'output{l}')(merged[l]) for l in range(self.min_level, top + 1)}
     for l in range(top + 1, self.max_level + 1):
       x = out[l - 1]
+      if self.extra_levels == 'maxpool':
+        # detectron2 LastLevelMaxPool: max_pool2d(kernel 1, stride 2) keeps every
+        # other cell, giving ceil(H / 2) x ceil(W / 2).
+        out[l] = nn.max_pool(x, (1, 1), strides=(2, 2), padding='VALID')
+        continue
       if l > top + 1:
         x = layers.activation(self.activation)(x)
       out[l] = conv(3, 2, f'extra{l}')(x)

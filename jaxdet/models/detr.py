@@ -1,0 +1,429 @@
+"""DETR (Carion et al., "End-to-End Object Detection with Transformers", ECCV 2020).
+
+images -> ResNet (C5, or DC5) -> 1x1 projection to d -> + 2-D sine positions (padding
+masked) -> transformer encoder / decoder over Q learned object queries -> per decoder layer a
+class head over C + 1 logits (the last is "no object") and a 3-layer MLP predicting normalised
+(cx, cy, w, h) boxes. Training matches predictions to targets one-to-one with the Hungarian
+algorithm (`loss`), at inference every query is a detection (`postprocess`, no NMS).
+
+Defaults are the paper's and its reference code's (`../shared/reference/detr_swin_mpvit.md`
+section 1): d = 256, 8 heads, 6 + 6 post-norm layers, FFN 2048, dropout 0.1, 100 queries;
+matching cost 1 * (-p(class)) + 5 * L1 + 2 * (-GIoU); loss CE (no-object weight 0.1)
++ 5 * L1 + 2 * GIoU on every decoder layer, each with its own matching.
+
+Normalised box coordinates are relative to the image content of each input (the valid,
+unpadded region, `valid_size`), as the reference normalises targets by the augmented image
+size before padding. The valid region comes from the per-image metadata of the batch
+(`orig_size * scale - offset`, clipped to the canvas), never from ground truth, so the same
+code runs at training and inference.
+"""
+
+import math
+from typing import Any, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxdet import losses
+from jaxdet.models import backbones
+from jaxdet.ops import boxes as box_ops
+from jaxdet.ops import hungarian
+
+# Transformer weights: Xavier-uniform, as the reference `Transformer._reset_parameters`.
+_xavier = nn.initializers.xavier_uniform()
+
+MATCHERS = {
+    'scipy': hungarian.linear_sum_assignment_scipy,
+    'jax': hungarian.linear_sum_assignment_jax,
+}
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def valid_size(batch, image_shape, data_cfg=None):
+  """Height and width of each image's content on the padded canvas, in input pixels.
+
+  The pipeline maps original pixels to input pixels as `orig * scale - offset` and pads
+  bottom / right, so the content ends at round(orig_size * scale - offset), clipped to the
+  canvas and to the crop window `data.image_size`.
+
+  Args:
+    batch: dict with 'orig_size' [B, 2] int (h, w), 'scale' [B, 2] (sy, sx), 'offset'
+      [B, 2] (oy, ox); None means every image fills the canvas.
+    image_shape: (B, H, W, ...) of the padded images (static).
+    data_cfg: optional data config; its image_size bounds the content.
+
+  Returns:
+    [B, 2] float32 (h, w), at least 1 pixel.
+  """
+  b, h, w = image_shape[:3]
+  canvas = jnp.asarray([h, w], jnp.float32)
+  if batch is None or 'orig_size' not in batch:
+    return jnp.broadcast_to(canvas, (b, 2))
+  if data_cfg is not None and 'image_size' in data_cfg:
+    canvas = jnp.minimum(canvas, float(data_cfg.image_size))
+  size = (jnp.asarray(batch['orig_size'], jnp.float32) * jnp.asarray(batch['scale'], jnp.float32)
+          - jnp.asarray(batch['offset'], jnp.float32))
+  return jnp.clip(jnp.round(size), 1.0, canvas)
+
+
+def feature_mask(size, feature_shape, image_shape):
+  """Which feature-map cells lie on image content.
+
+  A cell (i, j) of a stride-s map is valid when its top-left input pixel (i*s, j*s) is,
+  which is the reference's nearest-neighbour resize of the pixel mask to the feature size.
+
+  Args:
+    size: [B, 2] float (h, w) valid input pixels (`valid_size`).
+    feature_shape: (h_f, w_f), static.
+    image_shape: (H, W) of the padded input, static.
+
+  Returns:
+    [B, h_f, w_f] bool, True on content.
+  """
+  hf, wf = feature_shape
+  sy, sx = image_shape[0] / hf, image_shape[1] / wf
+  rows = jnp.arange(hf, dtype=jnp.float32) * sy          # [h_f] first input row of a cell
+  cols = jnp.arange(wf, dtype=jnp.float32) * sx
+  return (rows[None, :, None] < size[:, 0, None, None]) & (
+      cols[None, None, :] < size[:, 1, None, None])
+
+
+def sine_position_encoding(mask, num_features, temperature=10000.0, scale=2 * math.pi):
+  """2-D sine positional encoding that counts positions over the valid cells only.
+
+  As the reference `PositionEmbeddingSine(normalize=True)`: y (x) is the running count of
+  valid cells down the column (along the row), divided by the column's (row's) total and
+  multiplied by `scale`, so an image's encoding does not depend on how much padding it got.
+  Each of y and x gives `num_features` channels, sin / cos interleaved at frequencies
+  temperature ** (2 * (k // 2) / num_features); y comes first.
+
+  Args:
+    mask: [B, h, w] bool, True on content.
+    num_features: channels per axis (d / 2).
+    temperature: frequency base.
+    scale: the normalised coordinate runs over (0, scale].
+
+  Returns:
+    [B, h, w, 2 * num_features] float32; entries of padded cells are meaningless.
+  """
+  valid = mask.astype(jnp.float32)
+  y = jnp.cumsum(valid, axis=1)                                   # [B, h, w]
+  x = jnp.cumsum(valid, axis=2)
+  eps = 1e-6
+  y = y / (y[:, -1:, :] + eps) * scale
+  x = x / (x[:, :, -1:] + eps) * scale
+  k = jnp.arange(num_features, dtype=jnp.float32)
+  freq = temperature ** (2.0 * (k // 2) / num_features)          # [F]
+
+  def embed(t):
+    t = t[..., None] / freq                                       # [B, h, w, F]
+    return jnp.stack([jnp.sin(t[..., 0::2]), jnp.cos(t[..., 1::2])], axis=-1).reshape(
+        t.shape[:-1] + (num_features,))
+  return jnp.concatenate([embed(y), embed(x)], axis=-1)
+
+
+# ----------------------------------------------------------------------------- transformer
+
+
+class FeedForward(nn.Module):
+  """Linear -> ReLU -> dropout -> Linear (the transformer's FFN)."""
+  dim: int
+  hidden_dim: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    """x: [B, L, d] -> [B, L, d]."""
+    x = nn.Dense(self.hidden_dim, kernel_init=_xavier, dtype=self.dtype, name='linear1')(x)
+    x = nn.Dropout(self.dropout)(nn.relu(x), deterministic=not train)
+    return nn.Dense(self.dim, kernel_init=_xavier, dtype=self.dtype, name='linear2')(x)
+
+
+def _attention(num_heads, dim, dropout, dtype, name):
+  # Dropout on the attention weights, element-wise as PyTorch's nn.MultiheadAttention.
+  return nn.MultiHeadDotProductAttention(
+      num_heads=num_heads, qkv_features=dim, out_features=dim, dropout_rate=dropout,
+      broadcast_dropout=False, kernel_init=_xavier, dtype=dtype, name=name)
+
+
+class EncoderLayer(nn.Module):
+  """Post-norm encoder layer: x = LN(x + SelfAttn(x + pos)); x = LN(x + FFN(x))."""
+  dim: int
+  num_heads: int
+  ffn_dim: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, pos, key_mask, *, train: bool):
+    """x, pos: [B, L, d]; key_mask: [B, L] bool (True = content). Returns [B, L, d]."""
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    attn_mask = key_mask[:, None, None, :]                         # [B, 1, 1, L]
+    q = x + pos
+    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')(
+        q, q, x, mask=attn_mask, deterministic=not train)
+    x = nn.LayerNorm(dtype=self.dtype, name='norm1')(x + drop(y))
+    y = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')(
+        x, train=train)
+    return nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+
+
+class DecoderLayer(nn.Module):
+  """Post-norm decoder layer: self-attention over queries, cross-attention to the memory,
+  FFN; positions (query embeddings, sine encoding) are added to queries and keys only."""
+  dim: int
+  num_heads: int
+  ffn_dim: int
+  dropout: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tgt, query_pos, memory, pos, key_mask, *, train: bool):
+    """tgt, query_pos: [B, Q, d]; memory, pos: [B, L, d]; key_mask: [B, L] bool.
+
+    Returns [B, Q, d].
+    """
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    q = tgt + query_pos
+    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')(
+        q, q, tgt, deterministic=not train)
+    tgt = nn.LayerNorm(dtype=self.dtype, name='norm1')(tgt + drop(y))
+    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'cross_attn')(
+        tgt + query_pos, memory + pos, memory, mask=key_mask[:, None, None, :],
+        deterministic=not train)
+    tgt = nn.LayerNorm(dtype=self.dtype, name='norm2')(tgt + drop(y))
+    y = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')(
+        tgt, train=train)
+    return nn.LayerNorm(dtype=self.dtype, name='norm3')(tgt + drop(y))
+
+
+class DetrHead(nn.Module):
+  """Everything after the backbone: projection, positions, transformer, prediction heads.
+
+  Attributes:
+    num_classes: C real classes; the class head has C + 1 outputs.
+    hidden_dim: d.
+    num_queries: Q.
+    num_heads, ffn_dim, dropout: transformer layer settings.
+    num_encoder_layers, num_decoder_layers: depths.
+    dtype: activation dtype.
+  """
+  num_classes: int
+  hidden_dim: int = 256
+  num_queries: int = 100
+  num_heads: int = 8
+  ffn_dim: int = 2048
+  dropout: float = 0.1
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, mask, *, train: bool):
+    """Predictions of every decoder layer.
+
+    Args:
+      features: [B, h, w, C_in] backbone features.
+      mask: [B, h, w] bool, True on image content.
+      train: dropout when True.
+
+    Returns:
+      logits: [L_dec, B, Q, C + 1] float32.
+      boxes: [L_dec, B, Q, 4] float32 (cx, cy, w, h) in [0, 1], relative to the content.
+    """
+    d = self.hidden_dim
+    b, h, w, _ = features.shape
+    x = nn.Conv(d, (1, 1), dtype=self.dtype, name='input_proj')(features.astype(self.dtype))
+    pos = sine_position_encoding(mask, d // 2).astype(self.dtype)
+    memory = x.reshape(b, h * w, d)                                   # [B, h*w, d]
+    pos = pos.reshape(b, h * w, d)
+    key_mask = mask.reshape(b, h * w)
+    layer_args = dict(dim=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
+                      dropout=self.dropout, dtype=self.dtype)
+    for i in range(self.num_encoder_layers):
+      memory = EncoderLayer(**layer_args, name=f'encoder_layer{i}')(
+          memory, pos, key_mask, train=train)
+
+    query_pos = self.param('query_embed', nn.initializers.normal(1.0),
+                           (self.num_queries, d), jnp.float32)
+    query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), (b, self.num_queries, d))
+    tgt = jnp.zeros_like(query_pos)
+    # One LayerNorm shared by every layer's output (the reference decoder's `norm`,
+    # applied to the intermediate outputs that feed the auxiliary losses).
+    decoder_norm = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')
+    outputs = []
+    for i in range(self.num_decoder_layers):
+      tgt = DecoderLayer(**layer_args, name=f'decoder_layer{i}')(
+          tgt, query_pos, memory, pos, key_mask, train=train)
+      outputs.append(decoder_norm(tgt))
+    hs = jnp.stack(outputs)                                          # [L, B, Q, d]
+
+    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name='class_embed')(hs)
+    y = hs
+    for i in range(2):
+      y = nn.relu(nn.Dense(d, dtype=self.dtype, name=f'bbox_embed{i}')(y))
+    y = nn.Dense(4, dtype=self.dtype, name='bbox_embed2')(y)
+    boxes = jax.nn.sigmoid(y.astype(jnp.float32))
+    return logits.astype(jnp.float32), boxes
+
+
+class Model(nn.Module):
+  """DETR: backbone -> DetrHead. `config` is the experiment config."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, images, *, train: bool, targets=None) -> Dict[str, jnp.ndarray]:
+    """images: [B, H, W, 3] normalised; targets: the batch (only its per-image metadata
+    orig_size / scale / offset is read, for the padding mask).
+
+    Returns float32:
+      pred_logits: [B, Q, C + 1] of the last decoder layer; pred_boxes: [B, Q, 4]
+      normalised (cx, cy, w, h);
+      aux_logits: [L_dec - 1, B, Q, C + 1], aux_boxes: [L_dec - 1, B, Q, 4], the earlier
+      decoder layers (empty leading axis with one layer).
+    """
+    cfg = self.config.model
+    dtype = jnp.dtype(self.config.dtype)
+    features = backbones.build(cfg, dtype)(images.astype(dtype), train=train)
+    features = features[cfg.get('feature_level', 5)]
+    size = valid_size(targets, images.shape, self.config.get('data'))
+    mask = feature_mask(size, features.shape[1:3], images.shape[1:3])
+    head = DetrHead(num_classes=cfg.num_classes, dtype=dtype, **cfg.transformer.to_dict(),
+                    name='head')
+    logits, boxes = head(features, mask, train=train)
+    return {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
+            'aux_logits': logits[:-1], 'aux_boxes': boxes[:-1]}
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def normalized_targets(batch, image_shape, data_cfg=None):
+  """Ground truth in the model's box format.
+
+  Returns:
+    classes: [B, N] int32 (-1 padding); boxes: [B, N, 4] (cx, cy, w, h) divided by the
+    content size; valid: [B, N] bool, real non-crowd targets (crowd regions are never
+    positives, and DETR's COCO loader drops them).
+  """
+  size = valid_size(batch, image_shape, data_cfg)                     # [B, 2] (h, w)
+  whwh = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], -1)[:, None, :]
+  boxes = box_ops.xyxy_to_cxcywh(batch['boxes']) / whwh
+  valid = batch['classes'] >= 0
+  if 'is_crowd' in batch:
+    valid &= ~jnp.asarray(batch['is_crowd'], bool)
+  return jnp.asarray(batch['classes'], jnp.int32), boxes, valid
+
+
+def match(logits, boxes, gt_classes, gt_boxes, gt_valid, model_cfg):
+  """Hungarian matching of every (layer, image) at once: one host call for the scipy solver.
+
+  Args:
+    logits: [L, B, Q, C + 1]; boxes: [L, B, Q, 4] (cx, cy, w, h) normalised.
+    gt_classes: [B, N]; gt_boxes: [B, N, 4] normalised (cx, cy, w, h); gt_valid: [B, N].
+    model_cfg: config.model (matcher, cost weights).
+
+  Returns:
+    pred_idx: [L, B, N] int32, the query matched to target n (distinct per image;
+    meaningless where gt_valid is False).
+  """
+  if model_cfg.matcher not in MATCHERS:
+    raise ValueError(f'model.matcher={model_cfg.matcher!r}; use one of {sorted(MATCHERS)}.')
+  costs = model_cfg.cost.to_dict()
+  cost_fn = lambda l, b, c, g, v: hungarian.detr_cost(l, b, c, g, v, **costs)
+  per_image = jax.vmap(cost_fn)                                      # over B
+  cost = jax.vmap(per_image, in_axes=(0, 0, None, None, None))(      # over L
+      logits, boxes, gt_classes, gt_boxes, gt_valid)                 # [L, B, Q, N]
+  valid = jnp.broadcast_to(gt_valid, cost.shape[:2] + gt_valid.shape[-1:])
+  pred_idx, _, _ = MATCHERS[model_cfg.matcher](jax.lax.stop_gradient(cost), valid)
+  return pred_idx
+
+
+def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes, loss_cfg):
+  """DETR's loss of one decoder layer given its matching.
+
+  Args:
+    logits: [B, Q, C + 1]; boxes: [B, Q, 4] normalised (cx, cy, w, h).
+    pred_idx: [B, N] matched query per target.
+    gt_classes, gt_boxes, gt_valid: [B, N], [B, N, 4], [B, N] (see `normalized_targets`).
+    num_boxes: scalar, real targets in the global batch (at least 1).
+    loss_cfg: ce_weight, l1_weight, giou_weight, eos_coef.
+
+  Returns:
+    (weighted sum, {'loss_ce', 'loss_bbox', 'loss_giou'}).
+  """
+  b, q, k = logits.shape
+  num_classes = k - 1
+  rows = jnp.arange(b)[:, None]
+  # Every query is "no object" unless matched. Queries given to padded targets are
+  # distinct from the matched ones, so writing "no object" there cannot overwrite a match.
+  target = jnp.full((b, q), num_classes, jnp.int32).at[rows, pred_idx].set(
+      jnp.where(gt_valid, gt_classes, num_classes))
+  weights = jnp.where(target == num_classes, loss_cfg.eos_coef, 1.0)
+  ce = losses.softmax_cross_entropy(logits, target, weights)
+  # Weighted mean over all queries of the batch, as PyTorch's cross_entropy(weight=...).
+  loss_ce = ce.sum() / weights.sum()
+
+  matched_boxes = jnp.take_along_axis(boxes, pred_idx[..., None], axis=1)  # [B, N, 4]
+  m = gt_valid.astype(jnp.float32)
+  l1 = jnp.abs(matched_boxes - gt_boxes).sum(-1)
+  giou = losses.giou_loss(box_ops.cxcywh_to_xyxy(matched_boxes),
+                          box_ops.cxcywh_to_xyxy(gt_boxes))
+  loss_bbox = (l1 * m).sum() / num_boxes
+  loss_giou = (giou * m).sum() / num_boxes
+  total = (loss_cfg.ce_weight * loss_ce + loss_cfg.l1_weight * loss_bbox
+           + loss_cfg.giou_weight * loss_giou)
+  return total, {'loss_ce': loss_ce, 'loss_bbox': loss_bbox, 'loss_giou': loss_giou}
+
+
+def loss(outputs, batch, config):
+  """The set loss summed over the last and (with loss.aux_loss) every earlier decoder layer.
+
+  L1 and GIoU are divided by the number of real target boxes in the batch; under jit the
+  batch is the global one, so this is the global count of the reference's all-reduce.
+  Returns (scalar loss, metrics of the last layer).
+  """
+  cfg = config.model
+  loss_cfg = cfg.loss
+  logits, boxes = outputs['pred_logits'][None], outputs['pred_boxes'][None]
+  if loss_cfg.aux_loss and outputs['aux_logits'].shape[0]:
+    logits = jnp.concatenate([outputs['aux_logits'], logits])       # [L, B, Q, C + 1]
+    boxes = jnp.concatenate([outputs['aux_boxes'], boxes])
+  gt_classes, gt_boxes, gt_valid = normalized_targets(
+      batch, batch['image'].shape, config.get('data'))
+  num_boxes = jnp.maximum(gt_valid.sum().astype(jnp.float32), 1.0)
+  pred_idx = match(logits, boxes, gt_classes, gt_boxes, gt_valid, cfg)   # [L, B, N]
+
+  total = 0.0
+  for layer in range(logits.shape[0]):
+    layer_loss, metrics = set_loss(logits[layer], boxes[layer], pred_idx[layer],
+                                   gt_classes, gt_boxes, gt_valid, num_boxes, loss_cfg)
+    total = total + layer_loss
+  return total, dict(metrics, num_boxes=num_boxes / gt_valid.shape[0])
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def postprocess(outputs, batch, config):
+  """Softmax, drop "no object", each query's best class, top-k queries by score; no NMS.
+
+  Returns boxes [B, K, 4] (original-image pixels), scores [B, K], classes [B, K] int32,
+  num [B] int32 (= K: every query is a detection), K = min(postprocess.max_detections, Q).
+  """
+  prob = jax.nn.softmax(outputs['pred_logits'], axis=-1)[..., :-1]     # [B, Q, C]
+  scores, classes = prob.max(-1), prob.argmax(-1)
+  k = min(config.model.postprocess.max_detections, scores.shape[1])
+  scores, keep = jax.lax.top_k(scores, k)
+  classes = jnp.take_along_axis(classes, keep, 1)
+  boxes = jnp.take_along_axis(outputs['pred_boxes'], keep[..., None], 1)
+  size = valid_size(batch, batch['image'].shape, config.get('data'))  # [B, 2] (h, w)
+  whwh = jnp.stack([size[:, 1], size[:, 0], size[:, 1], size[:, 0]], -1)[:, None, :]
+  boxes = box_ops.to_original_pixels(box_ops.cxcywh_to_xyxy(boxes) * whwh, batch)
+  num = jnp.full(scores.shape[:1], k, jnp.int32)
+  return {'boxes': boxes, 'scores': scores, 'classes': classes.astype(jnp.int32), 'num': num}
