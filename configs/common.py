@@ -301,15 +301,17 @@ def demo_recipe(config):
   config.model.backbone.filter_size_scale = 0.25
   config.model.backbone.endpoints_num_filters = 64
   config.model.head.num_filters = 64
-  config.global_batch_size = 16
+  # Batch 8 rather than 16: on 2 CPU cores it trains as many images per second (the smaller
+  # step stays in cache) and gives twice the updates.
+  config.global_batch_size = 8
   config.eval_batch_size = 50
-  config.num_train_steps = 750
+  config.num_train_steps = 1700
   opt = config.optimizer
   opt.name = 'adamw'
-  opt.learning_rate = 3e-3
+  opt.learning_rate = 2e-3
   opt.weight_decay = 1e-4
   opt.schedule = 'cosine'
-  opt.warmup_steps = 50
+  opt.warmup_steps = 100
   opt.warmup_init_lr = 0.0
-  config.checkpoint_every_steps = 250
+  config.checkpoint_every_steps = 1000
   return config
