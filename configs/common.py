@@ -315,3 +315,30 @@ def demo_recipe(config):
   opt.warmup_init_lr = 0.0
   config.checkpoint_every_steps = 1000
   return config
+
+
+def cpu_shapes_retinanet(config, *, batch, steps, learning_rate, weight_decay, warmup,
+                         grad_clip_norm, checkpoint_every=None):
+  """The part that RetinaNet's CPU shapes recipes share across backbones: 128 px shapes, a
+  64-wide neck and 2-conv head, anchor size 3, light scale jitter, cosine schedule."""
+  shapes_data(config, 128)
+  config.model.neck.num_filters = 64
+  config.model.head.num_filters = 64
+  config.model.head.num_convs = 2
+  config.model.anchor.anchor_size = 3.0
+  config.model.postprocess.pre_nms_top_k = 1000
+  config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
+  config.global_batch_size = batch
+  config.eval_batch_size = 50
+  config.num_train_steps = steps
+  opt = config.optimizer
+  opt.learning_rate = learning_rate
+  opt.reference_batch_size = 0
+  opt.weight_decay = weight_decay
+  opt.schedule = 'cosine'
+  opt.warmup_steps = warmup
+  opt.warmup_init_lr = 0.0
+  opt.grad_clip_norm = grad_clip_norm
+  config.checkpoint_every_steps = checkpoint_every or steps
+  config.log_every_steps = 25
+  return config

@@ -80,26 +80,9 @@ def get_config(arg=None):
 
 def shapes_recipe(config):
   """A narrow HRNet (W = 8, one module per stage, two blocks per branch) on 128 px shapes."""
-  common.shapes_data(config, 128)
+  common.cpu_shapes_retinanet(config, batch=16, steps=600, learning_rate=0.04,
+                              weight_decay=4e-5, warmup=50, grad_clip_norm=10.0,
+                              checkpoint_every=200)
   config.model.backbone.update(width=8, stem_width=32, stage1_width=16,
                                num_modules=(1, 1, 2, 1), num_blocks=2)
-  config.model.neck.num_filters = 64
-  config.model.head.num_filters = 64
-  config.model.head.num_convs = 2
-  config.model.anchor.anchor_size = 3.0
-  config.model.postprocess.pre_nms_top_k = 1000
-  config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
-  config.global_batch_size = 16
-  config.eval_batch_size = 50
-  config.num_train_steps = 600
-  opt = config.optimizer
-  opt.learning_rate = 0.04
-  opt.reference_batch_size = 0
-  opt.weight_decay = 4e-5
-  opt.schedule = 'cosine'
-  opt.warmup_steps = 50
-  opt.warmup_init_lr = 0.0
-  opt.grad_clip_norm = 10.0
-  config.checkpoint_every_steps = 200
-  config.log_every_steps = 25
   return config

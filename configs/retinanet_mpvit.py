@@ -116,25 +116,7 @@ def get_config(arg=None):
 
 def shapes_recipe(config):
   """MPViT-T at full width on 128 px shapes: a short AdamW + cosine schedule for a CPU."""
-  common.shapes_data(config, 128)
+  common.cpu_shapes_retinanet(config, batch=8, steps=300, learning_rate=1e-3,
+                              weight_decay=0.05, warmup=30, grad_clip_norm=1.0)
   config.model.backbone = mpvit_backbone('T', drop_path_rate=0.0)
-  config.model.neck.num_filters = 64
-  config.model.head.num_filters = 64
-  config.model.head.num_convs = 2
-  config.model.anchor.anchor_size = 3.0
-  config.model.postprocess.pre_nms_top_k = 1000
-  config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
-  config.global_batch_size = 8
-  config.eval_batch_size = 50
-  config.num_train_steps = 300
-  opt = config.optimizer
-  opt.learning_rate = 1e-3
-  opt.reference_batch_size = 0
-  opt.weight_decay = 0.05
-  opt.schedule = 'cosine'
-  opt.warmup_steps = 30
-  opt.warmup_init_lr = 0.0
-  opt.grad_clip_norm = 1.0
-  config.checkpoint_every_steps = 300
-  config.log_every_steps = 25
   return config

@@ -85,27 +85,9 @@ def shapes_recipe(config):
   Window 4 instead of 7: the 32/16/8/4-token maps of a 128 px input then divide into whole
   windows, where 7 would make the last stage's 4x4 map two-thirds padding.
   """
-  common.shapes_data(config, 128)
+  # Sized for about 15 minutes on a shared 2-core CPU, compilation and evaluation included.
+  common.cpu_shapes_retinanet(config, batch=8, steps=250, learning_rate=1e-3,
+                              weight_decay=0.05, warmup=25, grad_clip_norm=1.0)
   config.model.backbone.update(embed_dim=32, num_heads=(1, 2, 4, 8), drop_path_rate=0.1,
                                window_size=4)
-  config.model.neck.num_filters = 64
-  config.model.head.num_filters = 64
-  config.model.head.num_convs = 2
-  config.model.anchor.anchor_size = 3.0
-  config.model.postprocess.pre_nms_top_k = 1000
-  config.data.aug_scale_min, config.data.aug_scale_max = 0.8, 1.25
-  # Sized for about 15 minutes on a shared 2-core CPU, compilation and evaluation included.
-  config.global_batch_size = 8
-  config.eval_batch_size = 50
-  config.num_train_steps = 250
-  opt = config.optimizer
-  opt.learning_rate = 1e-3
-  opt.reference_batch_size = 0
-  opt.weight_decay = 0.05
-  opt.schedule = 'cosine'
-  opt.warmup_steps = 25
-  opt.warmup_init_lr = 0.0
-  opt.grad_clip_norm = 1.0
-  config.checkpoint_every_steps = 250
-  config.log_every_steps = 25
   return config
