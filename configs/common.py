@@ -155,21 +155,28 @@ def shapes_data(config, image_size=256):
   return config
 
 
-def runlocal(config, steps=20):
-  """Tiny everything: the smoke test of any config, about two minutes on a CPU."""
+def runlocal_data_and_schedule(config, steps=20):
+  """What every detector's `runlocal` shares: 4-image batches, `steps` steps, a 64 + 16-image
+  shapes build at 128 px, no periodic evaluation."""
   config.global_batch_size = 4
   config.eval_batch_size = 4
   config.num_train_steps = steps
   config.log_every_steps = 5
   config.checkpoint_every_steps = steps
   config.eval_every_steps = 0
-  config.optimizer.warmup_steps = 5
   config.data.image_size = 128
   config.data.shapes.image_size = 128
   config.data.shapes.num_train = 64
   config.data.shapes.num_validation = 16
   config.data.num_eval_images = 16
   config.data.shuffle_buffer = 64
+  return config
+
+
+def runlocal(config, steps=20):
+  """Tiny everything: the smoke test of any config, about two minutes on a CPU."""
+  runlocal_data_and_schedule(config, steps)
+  config.optimizer.warmup_steps = 5
   config.model.head.num_filters = 32
   config.model.head.num_convs = 2
   config.model.postprocess.pre_nms_top_k = 500

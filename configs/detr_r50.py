@@ -91,18 +91,7 @@ def runlocal(config, steps=20):
   """Tiny everything (the fields of common.runlocal that DETR has): a CPU smoke test."""
   if config.data.name != 'shapes':
     common.shapes_data(config, 128)
-  config.global_batch_size = 4
-  config.eval_batch_size = 4
-  config.num_train_steps = steps
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = steps
-  config.eval_every_steps = 0
-  config.data.image_size = 128
-  config.data.shapes.image_size = 128
-  config.data.shapes.num_train = 64
-  config.data.shapes.num_validation = 16
-  config.data.num_eval_images = 16
-  config.data.shuffle_buffer = 64
+  common.runlocal_data_and_schedule(config, steps)
   config.data.max_instances = 10
   config.model.backbone.update(depth=18, width=8, frozen_bn=False, norm_epsilon=1e-3)
   config.model.transformer.update(hidden_dim=32, num_heads=2, ffn_dim=64, num_queries=10,

@@ -153,17 +153,8 @@ def shapes_recipe(config, image_size=128):
 def runlocal(config):
   """Tiny everything: a smoke test of any R-CNN config in a couple of minutes on a CPU."""
   common.shapes_data(config, 128)
-  config.global_batch_size = 4
-  config.eval_batch_size = 4
-  config.num_train_steps = 20
-  config.log_every_steps = 5
-  config.checkpoint_every_steps = 20
-  config.eval_every_steps = 0
+  common.runlocal_data_and_schedule(config, steps=20)
   config.optimizer.warmup_steps = 5
-  config.data.shapes.num_train = 64
-  config.data.shapes.num_validation = 16
-  config.data.num_eval_images = 16
-  config.data.shuffle_buffer = 64
   m = config.model
   config.data.with_masks = m.mask_head.enabled
   config.data.mask_size = 28
