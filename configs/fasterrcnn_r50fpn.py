@@ -13,14 +13,4 @@ from configs import rcnn_common
 
 def get_config(arg=None):
   a = common.parse_arg(arg, shapes=False, runlocal=False, schedule='1x', batch=16)
-  c = common.base_config()
-  c.model = rcnn_common.rcnn_model(with_masks=False)
-  rcnn_common.resnet_fpn(c, depth=50)
-  c.data = common.data_config('coco')
-  rcnn_common.detectron2_recipe(c, a.schedule)
-  c.global_batch_size = a.batch
-  if a.shapes:
-    rcnn_common.shapes_recipe(c)
-  if a.runlocal:
-    rcnn_common.runlocal(c)
-  return c
+  return rcnn_common.resnet50_fpn_config(a, with_masks=False)

@@ -255,3 +255,25 @@ def spinenet_mask_rcnn(model_id, batch=256):
   c.checkpoint_every_steps = 5000
   c.log_every_steps = 100
   return c
+
+
+def resnet50_fpn_config(a, *, with_masks, adjust=None):
+  """Faster (with_masks=False) or Mask R-CNN on ResNet-50-FPN with detectron2's recipe.
+
+  a: the parsed variants (`schedule`, `batch`, `shapes`, `runlocal`); adjust(config), if
+  given, changes the model before the recipes are applied (e.g. SPP-net's pooler).
+  """
+  c = common.base_config()
+  c.model = rcnn_model(with_masks=with_masks)
+  resnet_fpn(c, depth=50)
+  if adjust is not None:
+    adjust(c)
+  c.data = common.data_config('coco')
+  c.data.with_masks = with_masks
+  detectron2_recipe(c, a.schedule)
+  c.global_batch_size = a.batch
+  if a.shapes:
+    shapes_recipe(c)
+  if a.runlocal:
+    runlocal(c)
+  return c

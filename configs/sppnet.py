@@ -19,17 +19,10 @@ def get_config(arg=None):
   a = common.parse_arg(arg, shapes=False, runlocal=False, schedule='1x', batch=16, pool='spp')
   if a.pool not in ('spp', 'roi_pool'):
     raise ValueError(f"pool={a.pool!r}; use 'spp' or 'roi_pool'.")
-  c = common.base_config()
-  c.model = rcnn_common.rcnn_model(with_masks=False)
-  rcnn_common.resnet_fpn(c, depth=50)
-  # One shared map at stride 16 (P4) for every region, as SPP-net's conv5.
-  c.model.pooler.type = a.pool
-  c.model.roi_min_level = c.model.roi_max_level = 4
-  c.data = common.data_config('coco')
-  rcnn_common.detectron2_recipe(c, a.schedule)
-  c.global_batch_size = a.batch
-  if a.shapes:
-    rcnn_common.shapes_recipe(c)
-  if a.runlocal:
-    rcnn_common.runlocal(c)
-  return c
+
+  def one_level_pooler(c):
+    # One shared map at stride 16 (P4) for every region, as SPP-net's conv5.
+    c.model.pooler.type = a.pool
+    c.model.roi_min_level = c.model.roi_max_level = 4
+
+  return rcnn_common.resnet50_fpn_config(a, with_masks=False, adjust=one_level_pooler)
