@@ -55,6 +55,15 @@ def data_config(dataset='coco', image_size=640):
   d.aug_scale_min = 0.8
   d.aug_scale_max = 1.2
   d.aug_flip = True
+  # 'long_side' (above) or 'short_side': DETR's multi-scale resize, the short side drawn
+  # from short_sides (eval: eval_short_side), the long side at most max_size, with
+  # DETR's random-size crop at random_size_crop.probability (jaxdet/data/transforms.py).
+  d.resize = 'long_side'
+  d.short_sides = (800,)
+  d.eval_short_side = 800
+  d.max_size = 1333
+  d.random_size_crop = ml_collections.ConfigDict(dict(
+      probability=0.0, resize_sides=(400, 500, 600), min_size=384, max_size=600))
   d.max_instances = 100             # N in DESIGN.md
   d.with_masks = False
   d.mask_size = 112                 # M in DESIGN.md
@@ -237,6 +246,8 @@ def apply_protocol(config, protocol, batch_size=256):
   if 'dropblock_keep_prob' in config.model.backbone:
     config.model.backbone.dropblock_keep_prob = DROPBLOCK_KEEP_PROB if p['dropblock'] else 1.0
     config.model.backbone.dropblock_size = DROPBLOCK_SIZE
+    # The DropBlock paper's schedule: keep_prob falls linearly from 1 over the whole run.
+    config.model.backbone.dropblock_warmup_steps = config.get_ref('num_train_steps')
   return config
 
 
@@ -251,7 +262,7 @@ def spinenet_retinanet(model_id, arg):
       stochastic_depth_rate=0.0, norm_momentum=c.norm.get_ref('momentum'),
       norm_epsilon=c.norm.get_ref('epsilon'),
       # '' = SpineNet-49's specification; a name in spinenet_search.NAMED_SPECS or a JSON file.
-      spec='', dropblock_keep_prob=1.0, dropblock_size=7,
+      spec='', dropblock_keep_prob=1.0, dropblock_size=7, dropblock_warmup_steps=0,
       # The paper's scaling rule for this model (spinenet.SCALING_MAP), spelled out.
       **spinenet.SCALING_MAP[model_id]))
   c.model.neck = ml_collections.ConfigDict(dict(name='none'))
@@ -326,9 +337,11 @@ def demo_recipe(config):
 
 def cpu_shapes_retinanet(config, *, batch, steps, learning_rate, weight_decay, warmup,
                          grad_clip_norm, checkpoint_every=None):
-  """The part that RetinaNet's CPU shapes recipes share across backbones: 128 px shapes, a
-  64-wide neck and 2-conv head, anchor size 3, light scale jitter, cosine schedule."""
+  """The part that RetinaNet's CPU shapes recipes share across backbones: 128 px shapes of
+  the `simple` style (as the demo), a 64-wide neck and 2-conv head, anchor size 3, light
+  scale jitter, cosine schedule."""
   shapes_data(config, 128)
+  config.data.shapes.style = 'simple'
   config.model.neck.num_filters = 64
   config.model.head.num_filters = 64
   config.model.head.num_convs = 2

@@ -109,12 +109,16 @@ def detectron2_recipe(config, schedule='1x'):
 def shapes_recipe(config, image_size=128):
   """The detector on the synthetic shapes dataset, narrow, sized for 2 CPU cores.
 
-  Widths are divided by 4 (ResNet width 16, 64-channel pyramid and heads, 256-d FCs),
-  objects are few, so proposals and sampled RoIs are cut to a quarter, and anchors start at
-  16 px because shapes are as small as 10 px at 128 px. AdamW with a cosine schedule
-  converges in far fewer steps than the COCO recipe's SGD.
+  The `simple` style of shapes (up to 4 objects from ~16 px, as the CPU demo). Widths are
+  divided by 4 (ResNet width 16, 64-channel pyramid, RPN and box head, 256-d FCs) and the
+  mask head's by 16 (16 channels: its 14x14 convolutions over every positive RoI are the
+  largest cost of the step on a CPU; solid shapes need few). Objects are few, so proposals are cut to 200
+  per level before NMS and 100 after it, and 64 RoIs are sampled per image (at most 16
+  positives). Anchors start at 16 px since shapes are as small as ~16 px at 128 px. AdamW
+  with a cosine schedule converges in far fewer steps than the COCO recipe's SGD.
   """
   common.shapes_data(config, image_size)
+  config.data.shapes.style = 'simple'
   m = config.model
   config.data.with_masks = m.mask_head.enabled
   config.data.mask_size = 56
@@ -126,16 +130,16 @@ def shapes_recipe(config, image_size=128):
   m.neck.num_filters = 64
   m.rpn.head.num_filters = 64
   m.anchor.anchor_size = 4.0
-  m.rpn.pre_nms_top_k_train, m.rpn.post_nms_top_k_train = 500, 250
-  m.rpn.pre_nms_top_k_test, m.rpn.post_nms_top_k_test = 500, 250
-  m.roi_sampler.num_samples = 128
+  m.rpn.pre_nms_top_k_train, m.rpn.post_nms_top_k_train = 200, 100
+  m.rpn.pre_nms_top_k_test, m.rpn.post_nms_top_k_test = 200, 100
+  m.roi_sampler.num_samples = 64
   m.box_head.conv_filters = 64
   m.box_head.fc_dims = 256
-  m.mask_head.num_filters = 64
+  m.mask_head.num_filters = 16
   m.postprocess.pre_nms_top_k = 500
   config.global_batch_size = 8
   config.eval_batch_size = 25
-  config.num_train_steps = 600
+  config.num_train_steps = 1400
   opt = config.optimizer
   opt.name = 'adamw'
   opt.learning_rate = 3e-3
@@ -145,7 +149,7 @@ def shapes_recipe(config, image_size=128):
   opt.warmup_steps = 50
   opt.warmup_init_lr = 0.0
   opt.grad_clip_norm = 10.0
-  config.checkpoint_every_steps = 200
+  config.checkpoint_every_steps = 500
   config.log_every_steps = 25
   return config
 
@@ -216,7 +220,7 @@ def spinenet_mask_rcnn(model_id, batch=256):
       name='spinenet', model_id=model_id, min_level=3, max_level=7, activation='relu',
       stochastic_depth_rate=spec.get('stochastic_depth', 0.0),
       norm_momentum=c.norm.get_ref('momentum'), norm_epsilon=c.norm.get_ref('epsilon'),
-      spec='', dropblock_keep_prob=1.0, dropblock_size=7,
+      spec='', dropblock_keep_prob=1.0, dropblock_size=7, dropblock_warmup_steps=0,
       **spinenet.SCALING_MAP[model_id]))
   m.neck = ml_collections.ConfigDict(dict(name='none'))
   m.min_level, m.max_level = 3, 7

@@ -4,10 +4,14 @@ r"""Throughput, step time, compile time, memory, FLOPs and MFU of a config.
   python -m jaxdet.benchmark --config=configs/spinenet49.py --mode=train --batch=64 \
       --config.dtype=bfloat16
   python -m jaxdet.benchmark --config=configs/spinenet49s.py:shapes --mode=data
+  python -m jaxdet.benchmark --config=configs/detr_r50.py:shapes --mode=match --batch=8
+  python -m jaxdet.benchmark --config=configs/retinanet_swin.py --mode=backbone --batch=1
 
 Model benchmarks run on random inputs of the config's shape (no dataset needed); `data`
 times the input pipeline alone on the host, so a user can tell whether data or model limits
-a run. Step time is the median over timed steps after warm-up; FLOPs per step come from
+a run; `match` times DETR's Hungarian matching alone (jitted, the config's matcher) next
+to the whole training step; `backbone` times the config's backbone alone (forward, and a
+training step of forward, backward and an SGD update of a sum-of-squares loss). Step time is the median over timed steps after warm-up; FLOPs per step come from
 XLA's cost analysis of the compiled step; MFU divides achieved FLOP/s by the device's
 peak (bf16 dense) where it is known. Timings are printed, never asserted.
 """
@@ -28,7 +32,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags; defined only when run as a program, so the module imports cleanly."""
   cli.define_config_flag()
-  flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data'], 'What to time.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data', 'match', 'backbone'], 'What to time.')
   flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s).')
   flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
@@ -76,6 +80,7 @@ def random_batch(config, batch_size, rng):
       'orig_size': np.full((batch_size, 2), size, np.int32),
       'scale': np.ones((batch_size, 2), np.float32),
       'offset': np.zeros((batch_size, 2), np.float32),
+      'valid_size': np.full((batch_size, 2), size, np.float32),
       'boxes': np.where(valid[..., None], np.concatenate([xy, xy + wh], -1), 0).astype(
           np.float32),
       'classes': np.where(valid, rng.integers(0, config.model.num_classes, (batch_size, n)),
@@ -151,6 +156,51 @@ def benchmark_model(config, mode: str, batch_size: int, steps: int, warmup: int)
   }
 
 
+def benchmark_backbone(config, batch_size: int, steps: int, warmup: int) -> dict:
+  """The backbone of `config.model` alone on random images of the config's canvas."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  from jaxdet.models import backbones  # pylint: disable=g-import-not-at-top
+  from jaxdet.data import transforms  # pylint: disable=g-import-not-at-top
+  dtype = jnp.dtype(config.dtype)
+  module = backbones.build(config.model, dtype)
+  size = transforms.padded_size(config.data.image_size, config.data.size_divisor)
+  images = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (batch_size, size, size, 3)), jnp.float32)
+  key = jax.random.key(config.seed)
+  variables = jax.jit(lambda k: module.init(k, images, train=False))(key)
+  params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
+  rngs = {k: jax.random.fold_in(key, i) for i, k in
+          enumerate(('dropout', 'drop_path', 'dropblock'))}
+  tx = optax.sgd(1e-3)
+  opt_state = tx.init(params)
+
+  def forward(params, state, images):
+    return module.apply({'params': params, **state}, images, train=False)
+
+  def train_step(params, state, opt_state, images):
+    def loss_fn(p):
+      out, new_state = module.apply({'params': p, **state}, images, train=True, rngs=rngs,
+                                    mutable=list(state))
+      return sum(jnp.mean(jnp.square(x.astype(jnp.float32))) for x in out.values()), new_state
+    (_, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_state, opt_state
+
+  row = {'config': config.model.backbone.name, 'mode': 'backbone', 'batch': batch_size,
+         'image_size': size, 'dtype': config.dtype,
+         'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}'}
+  for name, fn, args in (('forward', forward, (params, state, images)),
+                         ('train', train_step, (params, state, opt_state, images))):
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    row[f'{name}_compile_s'] = time.perf_counter() - start
+    row[f'{name}_ms'] = _time(lambda: compiled(*args), steps, warmup) * 1e3
+    row[f'{name}_GFLOPs'] = _flops(compiled) / 1e9
+  return row
+
+
 def benchmark_data(config, batch_size: int, steps: int, warmup: int) -> dict:
   from jaxdet.data import pipeline  # pylint: disable=g-import-not-at-top
   it = pipeline.train_iterator(config.data, batch_size=batch_size, seed=config.seed)
@@ -163,6 +213,32 @@ def benchmark_data(config, batch_size: int, steps: int, warmup: int) -> dict:
   return {'config': config.data.name, 'mode': 'data', 'batch': batch_size,
           'image_size': config.data.image_size, 'images/s': steps * batch_size / seconds,
           'step_ms': seconds / steps * 1e3}
+
+
+def benchmark_matching(config, batch_size: int, steps: int, warmup: int) -> dict:
+  """DETR: the matching of every decoder layer (one jitted call, as in the loss) against
+  the whole training step, on random predictions of the model's shapes."""
+  if config.model.name != 'detr':
+    raise app.UsageError(f'--mode=match times DETR\'s matching; {config.model.name!r} '
+                         f'has none.')
+  import jax  # pylint: disable=g-import-not-at-top
+  from jaxdet.models import detr  # pylint: disable=g-import-not-at-top
+  step = benchmark_model(config, 'train', batch_size, steps, warmup)
+  t = config.model.transformer
+  layers = t.num_decoder_layers if config.model.loss.aux_loss else 1
+  rng = np.random.default_rng(1)
+  shape = (layers, batch_size, t.num_queries)
+  logits = rng.standard_normal(shape + (config.model.num_classes + 1,)).astype(np.float32)
+  boxes = np.concatenate([rng.uniform(0.1, 0.9, shape + (2,)),
+                          rng.uniform(0.02, 0.3, shape + (2,))], -1).astype(np.float32)
+  host = random_batch(config, batch_size, rng)
+  targets = detr.normalized_targets(host, host['image'].shape, config.data)
+  fn = jax.jit(lambda lg, bx, *gt: detr.match(lg, bx, *gt, config.model))
+  match_s = _time(lambda: fn(logits, boxes, *targets), steps, warmup)
+  return {'config': 'detr', 'matcher': config.model.matcher, 'batch': batch_size,
+          'layers': layers, 'queries': t.num_queries, 'targets': config.data.max_instances,
+          'match_ms': match_s * 1e3, 'step_ms': step['step_ms'],
+          'share': match_s * 1e3 / step['step_ms']}
 
 
 def format_table(row: dict) -> str:
@@ -181,6 +257,11 @@ def main(argv):
   batch = FLAGS.batch or config.global_batch_size
   if FLAGS.mode == 'data':
     row = benchmark_data(config, batch, FLAGS.steps, FLAGS.warmup)
+  elif FLAGS.mode == 'backbone':
+    row = benchmark_backbone(config, batch, FLAGS.steps, FLAGS.warmup)
+  elif FLAGS.mode == 'match':
+    with config.unlocked():
+      row = benchmark_matching(config, batch, FLAGS.steps, FLAGS.warmup)
   else:
     with config.unlocked():
       row = benchmark_model(config, FLAGS.mode, batch, FLAGS.steps, FLAGS.warmup)

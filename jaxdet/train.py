@@ -163,6 +163,7 @@ def dummy_batch(config, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
       'orig_size': jax.ShapeDtypeStruct((batch_size, 2), jnp.int32),
       'scale': jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
       'offset': jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
+      'valid_size': jax.ShapeDtypeStruct((batch_size, 2), jnp.float32),
       'boxes': jax.ShapeDtypeStruct((batch_size, n, 4), jnp.float32),
       'classes': jax.ShapeDtypeStruct((batch_size, n), jnp.int32),
       'is_crowd': jax.ShapeDtypeStruct((batch_size, n), jnp.bool_),

@@ -31,3 +31,27 @@ def test_device_peaks():
   class Fake:
     device_kind = 'NVIDIA H100 80GB HBM3'
   assert benchmark.device_peak(Fake()) == 989e12
+
+
+def test_matching_row_for_detr():
+  from configs import detr_r50
+  config = detr_r50.get_config('runlocal')
+  row = benchmark.benchmark_matching(config, 4, steps=1, warmup=0)
+  assert row['match_ms'] > 0 and row['step_ms'] > 0
+  assert 0 < row['share'] < 10 and row['layers'] == 1 and row['queries'] == 10
+
+
+def test_matching_mode_refuses_other_models(tmp_path):
+  from absl import app
+  import pytest
+  config = tiny.tiny_config(str(tmp_path / 'tfds'))
+  with pytest.raises(app.UsageError, match='matching'):
+    benchmark.benchmark_matching(config, 4, steps=1, warmup=0)
+
+
+def test_backbone_row(tmp_path):
+  config = tiny.tiny_config(str(tmp_path / 'tfds'))
+  row = benchmark.benchmark_backbone(config, 4, steps=1, warmup=0)
+  for column in ('forward_ms', 'train_ms', 'forward_GFLOPs', 'train_GFLOPs'):
+    assert row[column] > 0
+  assert row['train_GFLOPs'] > row['forward_GFLOPs']

@@ -10,6 +10,8 @@ N = data.max_instances and batches them into the data contract of DESIGN.md:
   orig_size  int32   [B, 2]        (h, w) of the original image
   scale      float32 [B, 2]        (sy, sx)
   offset     float32 [B, 2]        (oy, ox)
+  valid_size float32 [B, 2]        (h, w) of the image content on the canvas (input
+                                   pixels); beyond it is padding
   boxes      float32 [B, N, 4]     (x1, y1, x2, y2) input pixels; zeros for padding
   classes    int32   [B, N]        contiguous ids 0..C-1; -1 for padding
   is_crowd   bool    [B, N]
@@ -281,6 +283,7 @@ def _padding_examples(data_cfg, count):
       'orig_size': np.full([count, 2], canvas, np.int32),
       'scale': np.ones([count, 2], np.float32),
       'offset': np.zeros([count, 2], np.float32),
+      'valid_size': np.full([count, 2], canvas, np.float32),
       'boxes': np.zeros([count, n, 4], np.float32),
       'classes': np.full([count, n], -1, np.int32),
       'is_crowd': np.zeros([count, n], bool),

@@ -12,7 +12,10 @@ its aspect ratio kept so that its long side is `image_size * r` (r = 1 at eval,
 r ~ U(aug_scale_min, aug_scale_max) in training), a window of at most
 `image_size x image_size` is cropped at a random integer offset where the resized
 image is larger, and the result is zero-padded at the bottom and right to a square
-canvas whose side is `image_size` rounded up to a multiple of `size_divisor`. With
+canvas whose side is `image_size` rounded up to a multiple of `size_divisor`.
+`data.resize = 'short_side'` selects DETR's geometry instead (short side drawn from a
+list, long side capped, optional random-size crop: `resize_short_side_and_crop`); it
+ends on the same canvas with the same `scale` / `offset` meaning. With
 `scale = (sy, sx)` the per-axis resize factors and `offset = (oy, ox)` the crop's
 top-left corner in resized pixels,
 
@@ -198,6 +201,148 @@ def resize_and_crop_image(image, image_size, size_divisor, *, scale_min=1.0,
   return image, scale, tf.cast(offset_int, tf.float32), tf.cast(valid_int, tf.float32)
 
 
+def _choice(values, seed):
+  """One of the static ints `values`, uniformly, as a float32 scalar."""
+  values = tf.constant(values, tf.float32)
+  i = tf.random.stateless_uniform([], seed, 0, tf.shape(values)[0], dtype=tf.int32)
+  return values[i]
+
+
+def _randint(low, high, seed):
+  """Uniform integer in [low, high] (float32 scalars holding integers, low <= high)."""
+  u = tf.random.stateless_uniform([], seed)
+  return tf.minimum(low + tf.floor(u * (high - low + 1.0)), high)
+
+
+def short_side_factor(hw, short_side, max_size):
+  """Resize factor that brings the short side of `hw` to `short_side` unless the long side
+  would then exceed `max_size`, in which case the long side becomes `max_size` (the rule of
+  detectron2's ResizeShortestEdge and DETR's `get_size`)."""
+  short = tf.maximum(tf.reduce_min(hw), 1.0)
+  long = tf.maximum(tf.reduce_max(hw), 1.0)
+  return tf.minimum(short_side / short, float(max_size) / long)
+
+
+def resize_short_side_and_crop(image, image_size, size_divisor, *, short_sides, max_size,
+                               eval_short_side, crop_probability=0.0,
+                               crop_resize_sides=(400, 500, 600), crop_min=384,
+                               crop_max=600, seed=None):
+  """DETR's multi-scale geometry (short side from a list, long side capped), static canvas.
+
+  Training (a seed): with probability `crop_probability`, first DETR's random-size crop:
+  the image is viewed at a short side drawn from `crop_resize_sides`, and a window of
+  height and width drawn from [crop_min, min(crop_max, side)] is cut at a random position
+  of that view. Then the image (or the window) is resized so that its short side is drawn
+  from `short_sides` and its long side is at most `max_size`. Both resizes compose into one:
+  the window is cut from the original pixels and resampled once, so the result is an
+  affine view `input = original * scale - offset` as in `resize_and_crop_image`. Where
+  the resized content exceeds the `image_size` canvas (images more elongated than the
+  canvas allows), a random `image_size` window of it is kept.
+
+  Eval (no seed): short side `eval_short_side`, long side at most `max_size` and at most
+  `image_size`, so that no content is cropped.
+
+  Returns:
+    image [P, P, C], scale [2] (sy, sx), offset [2] (oy, ox), valid [2] (h, w), with the
+    meaning of `resize_and_crop_image`'s outputs.
+  """
+  canvas = padded_size(image_size, size_divisor)
+  hw = tf.cast(tf.shape(image)[:2], tf.float32)
+  if seed is None:
+    factor = tf.minimum(short_side_factor(hw, float(eval_short_side), max_size),
+                        float(image_size) / tf.maximum(tf.reduce_max(hw), 1.0))
+    corner, window = tf.zeros([2]), hw
+  else:
+    seeds = tf.unstack(tf.random.experimental.stateless_split(seed, 8))
+    corner, window = tf.zeros([2]), hw
+    if crop_probability > 0:
+      # The random-size crop, expressed in original pixels: a window of (h, w) at the
+      # intermediate view's scale s is a window of (h, w) / s in the original.
+      s = short_side_factor(hw, _choice(crop_resize_sides, seeds[0]), 1e9)
+      view = tf.round(hw * s)
+      ch = _randint(tf.minimum(float(crop_min), view[0]), tf.minimum(float(crop_max), view[0]),
+                    seeds[1])
+      cw = _randint(tf.minimum(float(crop_min), view[1]), tf.minimum(float(crop_max), view[1]),
+                    seeds[2])
+      cy = _randint(0.0, view[0] - ch, seeds[3])
+      cx = _randint(0.0, view[1] - cw, seeds[4])
+      crop_corner = tf.floor(tf.stack([cy, cx]) / s)
+      crop_window = tf.maximum(
+          tf.minimum(tf.round(tf.stack([ch, cw]) / s), hw - crop_corner), 1.0)
+      do_crop = tf.random.stateless_uniform([], seeds[5]) < crop_probability
+      corner = tf.where(do_crop, crop_corner, corner)
+      window = tf.where(do_crop, crop_window, window)
+    factor = short_side_factor(window, _choice(short_sides, seeds[6]), max_size)
+  corner_int = tf.cast(corner, tf.int32)
+  window_int = tf.cast(window, tf.int32)
+  image = tf.slice(image, tf.concat([corner_int, [0]], 0), tf.concat([window_int, [-1]], 0))
+  scaled = tf.maximum(tf.round(window * factor), 1.0)
+  scale = scaled / tf.maximum(window, 1.0)
+  scaled_int = tf.cast(scaled, tf.int32)
+  image = tf.image.resize(image, scaled_int, method='bilinear')
+  # The canvas window over the resized content (a random one where it does not fit).
+  max_offset = tf.maximum(scaled_int - image_size, 0)
+  if seed is None:
+    offset_int = tf.zeros([2], tf.int32)
+  else:
+    u = tf.random.stateless_uniform([2], seeds[7])
+    offset_int = tf.minimum(
+        tf.cast(tf.floor(u * tf.cast(max_offset + 1, tf.float32)), tf.int32), max_offset)
+  valid_int = tf.minimum(scaled_int - offset_int, image_size)
+  image = tf.slice(image, tf.concat([offset_int, [0]], 0), tf.concat([valid_int, [-1]], 0))
+  image = tf.image.pad_to_bounding_box(image, 0, 0, canvas, canvas)
+  image.set_shape([canvas, canvas, image.shape[-1]])
+  offset = corner * scale + tf.cast(offset_int, tf.float32)
+  return image, scale, offset, tf.cast(valid_int, tf.float32)
+
+
+RESIZE_MODES = ('long_side', 'short_side')
+
+
+def resize_image(image, data_cfg, seed=None):
+  """The geometry `data_cfg.resize` names, with the config's parameters (training view
+  with a seed, eval view without)."""
+  check_geometry(data_cfg)
+  mode = data_cfg.get('resize', 'long_side')
+  if mode == 'long_side':
+    return resize_and_crop_image(
+        image, data_cfg.image_size, data_cfg.size_divisor, scale_min=data_cfg.aug_scale_min,
+        scale_max=data_cfg.aug_scale_max, seed=seed)
+  if mode == 'short_side':
+    crop = data_cfg.random_size_crop
+    return resize_short_side_and_crop(
+        image, data_cfg.image_size, data_cfg.size_divisor,
+        short_sides=tuple(data_cfg.short_sides), max_size=data_cfg.max_size,
+        eval_short_side=data_cfg.eval_short_side, crop_probability=crop.probability,
+        crop_resize_sides=tuple(crop.resize_sides), crop_min=crop.min_size,
+        crop_max=crop.max_size, seed=seed)
+
+
+def check_geometry(data_cfg):
+  """Raises ValueError naming the field when the config's resize parameters cannot work."""
+  mode = data_cfg.get('resize', 'long_side')
+  if mode not in RESIZE_MODES:
+    raise ValueError(f'data.resize={mode!r}; use one of {RESIZE_MODES}.')
+  if mode == 'long_side':
+    if not 0 < data_cfg.aug_scale_min <= data_cfg.aug_scale_max:
+      raise ValueError(f'data.aug_scale_min={data_cfg.aug_scale_min}, data.aug_scale_max='
+                       f'{data_cfg.aug_scale_max}: need 0 < min <= max.')
+    return
+  sides = tuple(data_cfg.short_sides)
+  if not sides or min(sides) <= 0:
+    raise ValueError(f'data.resize=short_side needs positive data.short_sides, got {sides}.')
+  if data_cfg.eval_short_side <= 0 or data_cfg.max_size <= 0:
+    raise ValueError(f'data.eval_short_side={data_cfg.eval_short_side} and data.max_size='
+                     f'{data_cfg.max_size} must be positive.')
+  crop = data_cfg.random_size_crop
+  if not 0.0 <= crop.probability <= 1.0:
+    raise ValueError(f'data.random_size_crop.probability={crop.probability}: not in [0, 1].')
+  if crop.probability > 0 and not (
+      tuple(crop.resize_sides) and 0 < crop.min_size <= crop.max_size):
+    raise ValueError(f'data.random_size_crop: need resize_sides and 0 < min_size <= '
+                     f'max_size, got {crop.resize_sides}, {crop.min_size}, {crop.max_size}.')
+
+
 def resize_and_crop_boxes(boxes, scale, offset, valid):
   """Maps boxes into the input canvas and clips them to the image content there.
 
@@ -303,9 +448,7 @@ def _preprocess(example, data_cfg, seed, train):
       if with_masks:
         instances['masks'] = flipped[2]
 
-  image, scale, offset, valid = resize_and_crop_image(
-      normalize_image(image), data_cfg.image_size, data_cfg.size_divisor,
-      scale_min=data_cfg.aug_scale_min, scale_max=data_cfg.aug_scale_max, seed=crop_seed)
+  image, scale, offset, valid = resize_image(normalize_image(image), data_cfg, crop_seed)
   instances['boxes'] = resize_and_crop_boxes(instances['boxes'], scale, offset, valid)
   instances = select_instances(instances, nonempty(instances['boxes']))
   if with_masks:
@@ -317,6 +460,7 @@ def _preprocess(example, data_cfg, seed, train):
           'orig_size': tf.cast(hw, tf.int32),
           'scale': scale,
           'offset': offset,
+          'valid_size': valid,
           **instances}
 
 
@@ -332,7 +476,8 @@ def train_preprocess(example, seed, data_cfg):
 
   Returns:
     dict with 'image' [P, P, 3] float32, 'image_id' int64 [], 'orig_size' int32 [2] (h, w),
-    'scale' float32 [2] (sy, sx), 'offset' float32 [2] (oy, ox), 'boxes' [k, 4] float32
+    'scale' float32 [2] (sy, sx), 'offset' float32 [2] (oy, ox), 'valid_size' float32 [2]
+    (h, w) of the image content on the canvas, 'boxes' [k, 4] float32
     input pixels, 'classes' [k] int32, 'is_crowd' [k] bool and, with masks, 'masks'
     [k, M, M] uint8 cropped to each final box; k <= n instances survive sanitising,
     crowd removal (data_cfg.skip_crowd_in_train) and the crop.

@@ -48,11 +48,13 @@ def valid_size(batch, image_shape, data_cfg=None):
 
   The pipeline maps original pixels to input pixels as `orig * scale - offset` and pads
   bottom / right, so the content ends at round(orig_size * scale - offset), clipped to the
-  canvas and to the crop window `data.image_size`.
+  canvas and to the crop window `data.image_size`. The pipeline's `valid_size` gives it
+  directly, and is what is used when present: after DETR's random-size crop the formula
+  would reach past the crop window.
 
   Args:
-    batch: dict with 'orig_size' [B, 2] int (h, w), 'scale' [B, 2] (sy, sx), 'offset'
-      [B, 2] (oy, ox); None means every image fills the canvas.
+    batch: dict with 'valid_size' [B, 2] (h, w), or 'orig_size' [B, 2] int (h, w),
+      'scale' [B, 2] (sy, sx), 'offset' [B, 2] (oy, ox); None means every image fills the canvas.
     image_shape: (B, H, W, ...) of the padded images (static).
     data_cfg: optional data config; its image_size bounds the content.
 
@@ -65,6 +67,8 @@ def valid_size(batch, image_shape, data_cfg=None):
     return jnp.broadcast_to(canvas, (b, 2))
   if data_cfg is not None and 'image_size' in data_cfg:
     canvas = jnp.minimum(canvas, float(data_cfg.image_size))
+  if 'valid_size' in batch:
+    return jnp.clip(jnp.round(jnp.asarray(batch['valid_size'], jnp.float32)), 1.0, canvas)
   size = (jnp.asarray(batch['orig_size'], jnp.float32) * jnp.asarray(batch['scale'], jnp.float32)
           - jnp.asarray(batch['offset'], jnp.float32))
   return jnp.clip(jnp.round(size), 1.0, canvas)

@@ -179,12 +179,19 @@ class DropBlock(nn.Module):
   fraction actually kept in the batch, as TPU's `nn_ops.Dropblock`.
   Draws from the 'dropblock' rng stream.
 
+  The DropBlock paper (Sec. 3) lowers keep_prob linearly from 1 to its target over
+  training; with `warmup_steps` > 0 the layer does so itself, counting its training calls
+  in a 'batch_stats' variable `step` (so the schedule is checkpointed and resumes with
+  the run): keep = 1 - (1 - keep_prob) * min(step / warmup_steps, 1).
+
   Attributes:
     keep_prob: probability of keeping an activation; 1.0 disables DropBlock.
     block_size: side of the dropped squares.
+    warmup_steps: length of the linear keep_prob schedule; 0 keeps keep_prob fixed.
   """
   keep_prob: float = 1.0
   block_size: int = 7
+  warmup_steps: int = 0
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool, keep_prob: float | Array | None = None) -> Array:
@@ -203,6 +210,12 @@ class DropBlock(nn.Module):
       keep_prob = self.keep_prob
       if keep_prob == 1.0:
         return x
+      if self.warmup_steps > 0:
+        step = self.variable('batch_stats', 'step', lambda: jnp.zeros((), jnp.float32))
+        progress = jnp.minimum(step.value / float(self.warmup_steps), 1.0)
+        keep_prob = 1.0 - (1.0 - keep_prob) * progress
+        if train and not self.is_initializing() and self.is_mutable_collection('batch_stats'):
+          step.value = step.value + 1.0
     if not train:
       return x
     _, height, width, _ = x.shape

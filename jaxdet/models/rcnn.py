@@ -214,10 +214,13 @@ def image_extent(targets, image_shape, batch_size):
   """[B, 2] float32 (height, width) of each image's content in input pixels.
 
   input = original * scale - offset (DESIGN.md), so the content ends at
-  orig_size * scale - offset, within the padded canvas. Without a batch (a bare forward
+  orig_size * scale - offset, within the padded canvas; the pipeline's `valid_size` says
+  so directly (and also after a crop window, where the formula overestimates). Without a batch (a bare forward
   pass) the canvas is used.
   """
   canvas = jnp.asarray(image_shape, jnp.float32)[None]
+  if targets is not None and 'valid_size' in targets:
+    return jnp.clip(jnp.asarray(targets['valid_size'], jnp.float32), 0.0, canvas)
   if targets is None or 'orig_size' not in targets:
     return jnp.broadcast_to(canvas, (batch_size, 2))
   content = (jnp.asarray(targets['orig_size'], jnp.float32) * targets['scale']

@@ -77,6 +77,7 @@ def _check_contract(batch, batch_size, with_masks):
           'orig_size': (np.int32, (batch_size, 2)),
           'scale': (np.float32, (batch_size, 2)),
           'offset': (np.float32, (batch_size, 2)),
+          'valid_size': (np.float32, (batch_size, 2)),
           'boxes': (np.float32, (batch_size, N, 4)),
           'classes': (np.int32, (batch_size, N)),
           'is_crowd': (np.bool_, (batch_size, N))}

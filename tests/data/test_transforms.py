@@ -280,3 +280,126 @@ def test_stateless_randomness():
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   assert not np.array_equal(a['image'], c['image'])
+
+
+# ------------------------------------------------------------- DETR's short-side geometry
+
+
+def _short_cfg(image_size=128, short_sides=(48, 64), eval_short_side=64, max_size=96,
+               crop_probability=0.0, crop=None):
+  cfg = _cfg(image_size=image_size, resize='short_side', short_sides=short_sides,
+             eval_short_side=eval_short_side, max_size=max_size, aug_flip=False)
+  cfg.random_size_crop.update(probability=crop_probability, **(crop or {}))
+  return cfg
+
+
+def test_short_side_eval_geometry():
+  # 60 x 80 (h x w): short side to 64 -> 64 x 85.33, rounded to 64 x 85.
+  image = np.full((60, 80, 3), 200, np.uint8)
+  out = _numpy(transforms.eval_preprocess(_example(image, [[8, 6, 40, 30]]), _short_cfg()))
+  assert out['image'].shape == (128, 128, 3)
+  np.testing.assert_array_equal(out['valid_size'], [64, 85])
+  np.testing.assert_allclose(out['scale'], [64 / 60, 85 / 80], rtol=1e-6)
+  np.testing.assert_array_equal(out['offset'], [0, 0])
+  assert np.all(out['image'][:64, :85] != 0) and np.all(out['image'][64:] == 0)
+  assert np.all(out['image'][:, 85:] == 0)
+  np.testing.assert_allclose(out['boxes'][0], [8 * 85 / 80, 6.4, 40 * 85 / 80, 32],
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize('hw, want', [
+    ((20, 80), (24, 96)),      # short side 64 would make the long side 256 > max_size 96
+    ((100, 300), (32, 96)),    # shrinks as well
+])
+def test_short_side_long_side_capped(hw, want):
+  image = np.zeros(hw + (3,), np.uint8)
+  out = _numpy(transforms.eval_preprocess(_example(image, []), _short_cfg()))
+  np.testing.assert_allclose(out['scale'], np.array(want) / np.array(hw), rtol=1e-6)
+
+
+def test_short_side_eval_never_crops_to_the_canvas():
+  # Short side 64 on a 1:4 image asks for 256 px; max_size 300 allows it; the 128 canvas
+  # does not, so eval shrinks the image to fit rather than cut content.
+  image = np.zeros((40, 160, 3), np.uint8)
+  cfg = _short_cfg(max_size=300)
+  out = _numpy(transforms.eval_preprocess(_example(image, [[150, 0, 160, 40]]), cfg))
+  np.testing.assert_allclose(out['scale'], [32 / 40, 128 / 160])
+  np.testing.assert_allclose(out['boxes'][0], [120, 0, 128, 32], rtol=1e-6)
+
+
+def test_short_side_train_draws_from_the_list():
+  image = np.zeros((60, 90, 3), np.uint8)
+  cfg = _short_cfg(short_sides=(30, 45, 60), max_size=1000)
+  shorts = set()
+  for s in range(24):
+    out = _numpy(transforms.train_preprocess(_example(image, []), tf.constant([s, 3]), cfg))
+    shorts.add(round(float(out['scale'][0]) * 60))
+    np.testing.assert_array_equal(out['offset'], [0, 0])    # fits the canvas: no crop
+  assert shorts == {30, 45, 60}
+
+
+@pytest.mark.parametrize('crop_probability', [0.0, 0.5, 1.0])
+def test_short_side_train_boxes_follow_the_pixels(crop_probability):
+  # A white rectangle on black through the random-size crop, the resize and the canvas
+  # crop: its box must land where its pixels land, and map back exactly when unclipped.
+  box = np.array([30, 40, 70, 64], np.float32)
+  image = np.repeat(_rect_mask(100, 120, box)[..., None] * 255, 3, axis=-1)
+  cfg = _short_cfg(image_size=96, short_sides=(64, 80, 96), max_size=200,
+                   crop_probability=crop_probability,
+                   crop=dict(resize_sides=(80, 100), min_size=40, max_size=70))
+  cropped = 0
+  for s in range(16):
+    out = _numpy(transforms.train_preprocess(_example(image, box), tf.constant([s, 5]), cfg))
+    sy, sx = out['scale']
+    oy, ox = out['offset']
+    want = box * [sx, sy, sx, sy] - [ox, oy, ox, oy]
+    if crop_probability == 0:
+      assert sy == pytest.approx(sx, rel=0.02)
+    content = out['image'][..., 0] != 0
+    content_hw = [content.any(1).sum(), content.any(0).sum()]
+    np.testing.assert_array_equal(out['valid_size'], content_hw)
+    clipped = np.clip(want, 0, content_hw[::-1] * 2)
+    cropped += not np.allclose(clipped, want)
+    if clipped[2] - clipped[0] < 1 or clipped[3] - clipped[1] < 1:
+      continue
+    np.testing.assert_allclose(out['boxes'][0], clipped, atol=1e-3)
+    np.testing.assert_allclose(_bright_box(out['image']), clipped, atol=1.0)
+    if np.allclose(clipped, want):
+      back = transforms.input_to_original(out['boxes'], out['scale'], out['offset'])
+      np.testing.assert_allclose(back.numpy()[0], box, atol=1e-3)
+  if crop_probability == 1.0:
+    assert cropped > 0
+
+
+def test_random_size_crop_window():
+  # 800 x 800, viewed at 400, window 384 x 384 there = 768 x 768 original pixels, then
+  # short side 480: scale 480 / 768, the window's corner within 32 original pixels.
+  image = np.zeros((800, 800, 3), np.uint8)
+  cfg = _short_cfg(image_size=480, short_sides=(480,), max_size=1333, crop_probability=1.0,
+                   crop=dict(resize_sides=(400,), min_size=384, max_size=384))
+  corners = set()
+  for s in range(6):
+    out = _numpy(transforms.train_preprocess(_example(image, []), tf.constant([s, 7]), cfg))
+    np.testing.assert_allclose(out['scale'], [0.625, 0.625])
+    assert np.all(0 <= out['offset']) and np.all(out['offset'] <= 32 * 0.625)
+    corners.add(tuple(out['offset']))
+  assert len(corners) > 1
+
+
+@pytest.mark.parametrize('update, match', [
+    (dict(resize='shortest'), 'data.resize'),
+    (dict(resize='short_side', short_sides=()), 'short_sides'),
+    (dict(resize='short_side', max_size=0), 'max_size'),
+    (dict(aug_scale_min=0.0), 'aug_scale_min'),
+])
+def test_bad_geometry_config_is_named(update, match):
+  cfg = _cfg(**update)
+  with pytest.raises(ValueError, match=match):
+    transforms.eval_preprocess(_example(np.zeros((8, 8, 3), np.uint8), []), cfg)
+
+
+def test_bad_random_size_crop_is_named():
+  cfg = _short_cfg(crop_probability=1.5)
+  with pytest.raises(ValueError, match='probability'):
+    transforms.train_preprocess(_example(np.zeros((8, 8, 3), np.uint8), []),
+                                tf.constant([0, 0]), cfg)

@@ -121,6 +121,14 @@ def test_config_recipe():
   np.testing.assert_allclose(float(lr(int(0.79 * steps))), 1e-4, rtol=1e-6)
   np.testing.assert_allclose(float(lr(int(0.81 * steps))), 1e-5, rtol=1e-6)
   assert detr_r50.get_config().optimizer.decay_boundaries == (200 / 300,)
+  # The reference's augmentation: short side 480..800 by 32, long side <= 1333, and the
+  # random-size crop half of the time.
+  d = c.data
+  assert d.resize == 'short_side' and d.max_size == 1333 and d.eval_short_side == 800
+  assert tuple(d.short_sides) == (480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800)
+  assert d.random_size_crop.probability == 0.5
+  assert tuple(d.random_size_crop.resize_sides) == (400, 500, 600)
+  assert (d.random_size_crop.min_size, d.random_size_crop.max_size) == (384, 600)
   with pytest.raises(ValueError, match='300 or 500'):
     detr_r50.get_config('epochs=400')
   mult = lambda name: train.lr_multiplier(
@@ -191,6 +199,10 @@ def test_valid_size_and_feature_mask():
   np.testing.assert_array_equal(mask, [want0, want1])
   np.testing.assert_array_equal(np.asarray(detr.valid_size(None, (2, 64, 96, 3))),
                                 [[64, 96], [64, 96]])
+  # The pipeline's valid_size wins: after a crop window the formula reaches past it.
+  batch['valid_size'] = np.array([[40, 30], [200, 50]], np.float32)
+  np.testing.assert_array_equal(np.asarray(detr.valid_size(batch, (2, 128, 128, 3))),
+                                [[40, 30], [128, 50]])
 
 
 def _sine_reference(mask, f, temperature=10000.0):

@@ -135,6 +135,26 @@ class TestDropBlock:
     # keep_prob 1 through the traced path draws no seeds.
     np.testing.assert_allclose(fn(1.0), x, rtol=1e-6)
 
+  def test_scheduled_keep_prob_falls_linearly_and_counts_training_steps(self):
+    # keep 0.8 reached over 4 training calls: dropped fractions ~0, 0.05, 0.1, 0.15, 0.2,
+    # then 0.2; eval calls neither drop nor advance the schedule.
+    x = jnp.ones((8, 32, 32, 8))
+    module = layers.DropBlock(0.8, 3, warmup_steps=4)
+    variables = module.init(jax.random.key(0), x, train=False)
+    assert float(variables['batch_stats']['step']) == 0.0
+    np.testing.assert_array_equal(module.apply(variables, x, train=False), x)
+    fractions = []
+    for i in range(6):
+      y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'],
+                                rngs={'dropblock': jax.random.key(i)})
+      variables = {**variables, **updates}
+      fractions.append(np.mean(np.asarray(y) == 0.0))
+    assert float(variables['batch_stats']['step']) == 6.0
+    assert fractions[0] == 0.0
+    want = [0.0, 0.05, 0.1, 0.15, 0.2, 0.2]
+    np.testing.assert_allclose(fractions, want, atol=0.02)
+    assert fractions[1] < fractions[2] < fractions[3] < fractions[4]
+
 
 class _Toy(layers.ConvNormAct):
   pass

@@ -360,3 +360,13 @@ def test_tiny_mask_rcnn_trains_compiles_once_and_evaluates(tmp_path):
   assert detections['boxes'].shape == (8, k, 4) and detections['masks'].shape == (8, k, 28, 28)
   assert np.all((detections['masks'] >= 0) & (detections['masks'] <= 1))
   assert np.all(detections['num'] <= k)
+
+
+def test_image_extent_prefers_the_pipelines_valid_size():
+  batch = {'orig_size': np.array([[100, 50]], np.int32),
+           'scale': np.array([[0.64, 0.64]], np.float32),
+           'offset': np.array([[0, 0]], np.float32)}
+  np.testing.assert_allclose(rcnn.image_extent(batch, (128, 128), 1), [[64, 32]])
+  batch['valid_size'] = np.array([[40, 300]], np.float32)
+  np.testing.assert_allclose(rcnn.image_extent(batch, (128, 128), 1), [[40, 128]])
+  np.testing.assert_allclose(rcnn.image_extent(None, (64, 96), 2), [[64, 96]] * 2)

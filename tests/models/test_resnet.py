@@ -97,3 +97,24 @@ def test_tiny_forward():
   assert not np.allclose(train_out[5], train_out2[5])
   eval_out2, _, _ = forward(variables, images, jax.random.key(3))
   np.testing.assert_array_equal(eval_out[5], eval_out2[5])
+
+
+def test_dropblock_on_levels_4_and_5_only_in_training():
+  # Protocol A's DropBlock: the blocks of levels 4 and 5 drop squares in training; levels
+  # 2 and 3 and the whole eval pass are untouched, and keep_prob 1.0 is the plain ResNet.
+  images = jax.random.normal(jax.random.key(0), (2, 128, 128, 3))
+  plain = resnet.ResNet(depth=18, width=8)
+  dropped = resnet.ResNet(depth=18, width=8, dropblock_keep_prob=0.7, dropblock_size=3)
+  variables = plain.init(jax.random.key(1), images, train=False)
+  rngs = {'dropblock': jax.random.key(2)}
+  run = lambda m, train: m.apply(variables, images, train=train, rngs=rngs,
+                                 mutable=['batch_stats'])[0]
+  want, got = run(plain, True), run(dropped, True)
+  for level in (2, 3):
+    np.testing.assert_array_equal(got[level], want[level])
+  for level in (4, 5):
+    assert not np.allclose(got[level], want[level])
+  # Whole squares of level 4's last block output are zero in some channel.
+  assert np.mean(np.asarray(got[4]) == 0) > np.mean(np.asarray(want[4]) == 0)
+  for level, x in dropped.apply(variables, images, train=False).items():
+    np.testing.assert_array_equal(x, plain.apply(variables, images, train=False)[level])

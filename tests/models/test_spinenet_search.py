@@ -295,9 +295,16 @@ def test_protocol_a_turns_dropblock_on(protocol, keep_prob):
   assert backbone.dropblock_size == 7
   model = spinenet.build(backbone, 'float32')
   assert (model.dropblock_keep_prob, model.dropblock_size) == (keep_prob, 7)
-  # Backbones without DropBlock keep their fields unchanged.
-  resnet = importlib.import_module('configs.retinanet_resnet50').get_config('protocol=A')
-  assert 'dropblock_keep_prob' not in resnet.model.backbone
+  # keep_prob falls linearly over the whole run, following num_train_steps overrides.
+  config = _config(f'protocol={protocol}')
+  assert config.model.backbone.dropblock_warmup_steps == config.num_train_steps
+  config.num_train_steps = 123
+  assert config.model.backbone.dropblock_warmup_steps == 123
+  # The ResNet-50-FPN baseline drops blocks of levels 4 and 5 under protocol A.
+  resnet = importlib.import_module('configs.retinanet_resnet50').get_config(
+      f'protocol={protocol}')
+  assert resnet.model.backbone.dropblock_keep_prob == keep_prob
+  assert resnet.model.backbone.dropblock_warmup_steps == resnet.num_train_steps
 
 
 def test_dropblock_in_train_mode_only():

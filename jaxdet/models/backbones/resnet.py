@@ -211,6 +211,10 @@ class ResNet(nn.Module):
     frozen_bn: BatchNorm statistics and affine parameters are not trained
       (module docstring).
     last_stage_dilation: 1, or 2 for DC5: level 5 then has stride 16.
+    dropblock_keep_prob, dropblock_size: DropBlock ('dropblock' rng) on the output of
+      every block of levels 4 and 5, the DropBlock paper's placement in ResNet-50
+      (groups 3 and 4, residual branch and shortcut together); keep_prob 1.0 disables it;
+      dropblock_warmup_steps > 0 lowers keep_prob linearly to it over that many steps.
     dtype: activation dtype.
   """
   depth: int = 50
@@ -222,6 +226,9 @@ class ResNet(nn.Module):
   stride_in_1x1: bool = False
   frozen_bn: bool = False
   last_stage_dilation: int = 1
+  dropblock_keep_prob: float = 1.0
+  dropblock_size: int = 7
+  dropblock_warmup_steps: int = 0
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -275,6 +282,9 @@ class ResNet(nn.Module):
         if block_fn == 'bottleneck':
           kwargs['stride_in_1x1'] = self.stride_in_1x1
         x = block_cls(**kwargs)(x, train=train)
+        if level >= 4:
+          x = layers.DropBlock(self.dropblock_keep_prob, self.dropblock_size,
+                               self.dropblock_warmup_steps, name=f'stage{level}_dropblock{i}')(x, train=train)
       features[level] = x
     return features
 

@@ -219,7 +219,8 @@ class SpineNet(nn.Module):
       scale-permuted block group ('dropblock' rng); keep_prob 1.0 disables it.
       The paper uses DropBlock in protocol A without giving its settings;
       configs use keep_prob 0.9 and block size 7, the DropBlock paper's
-      ResNet-50 values (without its linear keep_prob warm-up).
+      ResNet-50 values, reached by its linear schedule over the whole run
+      (dropblock_warmup_steps, see `layers.DropBlock`).
     dtype: activation dtype.
   """
   model_id: str = '49'
@@ -237,6 +238,7 @@ class SpineNet(nn.Module):
   stochastic_depth_rate: float = 0.0
   dropblock_keep_prob: float = 1.0
   dropblock_size: int = 7
+  dropblock_warmup_steps: int = 0
   dtype: Any = jnp.float32
 
   def _scaling(self, key):
@@ -326,7 +328,7 @@ class SpineNet(nn.Module):
                      stochastic_depth_rate=self.stochastic_depth_rate * (i + 1) / len(specs),
                      name=f'group{i}', **common)(x, train=train)
       x = layers.DropBlock(self.dropblock_keep_prob, self.dropblock_size,
-                           name=f'dropblock{i}')(x, train=train)
+                           self.dropblock_warmup_steps, name=f'dropblock{i}')(x, train=train)
       blocks.append((x, spec.level, spec.block_fn))
       consumers.append(0)
       if spec.is_output:
