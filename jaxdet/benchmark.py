@@ -11,7 +11,8 @@ Model benchmarks run on random inputs of the config's shape (no dataset needed);
 times the input pipeline alone on the host, so a user can tell whether data or model limits
 a run; `match` times DETR's Hungarian matching alone (jitted, the config's matcher) next
 to the whole training step; `backbone` times the config's backbone alone (forward, and a
-training step of forward, backward and an SGD update of a sum-of-squares loss). Step time is the median over timed steps after warm-up; FLOPs per step come from
+training step of forward, backward and an SGD update of a sum-of-squares loss). Step time
+is the median over timed steps after warm-up; FLOPs per step come from
 XLA's cost analysis of the compiled step; MFU divides achieved FLOP/s by the device's
 peak (bf16 dense) where it is known. Timings are printed, never asserted.
 """
@@ -32,7 +33,8 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Command-line flags; defined only when run as a program, so the module imports cleanly."""
   cli.define_config_flag()
-  flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data', 'match', 'backbone'], 'What to time.')
+  flags.DEFINE_enum('mode', 'train', ['train', 'infer', 'data', 'match', 'backbone'],
+                    'What to time.')
   flags.DEFINE_integer('batch', None, 'Global batch (default: the config\'s).')
   flags.DEFINE_integer('steps', 10, 'Timed steps after warm-up.')
   flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
@@ -162,6 +164,7 @@ def benchmark_backbone(config, batch_size: int, steps: int, warmup: int) -> dict
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from jaxdet.models import backbones  # pylint: disable=g-import-not-at-top
+  from jaxdet import train  # pylint: disable=g-import-not-at-top
   from jaxdet.data import transforms  # pylint: disable=g-import-not-at-top
   dtype = jnp.dtype(config.dtype)
   module = backbones.build(config.model, dtype)
@@ -171,8 +174,7 @@ def benchmark_backbone(config, batch_size: int, steps: int, warmup: int) -> dict
   key = jax.random.key(config.seed)
   variables = jax.jit(lambda k: module.init(k, images, train=False))(key)
   params, state = variables['params'], {k: v for k, v in variables.items() if k != 'params'}
-  rngs = {k: jax.random.fold_in(key, i) for i, k in
-          enumerate(('dropout', 'drop_path', 'dropblock'))}
+  rngs = {k: jax.random.fold_in(key, i) for i, k in enumerate(train.RNG_STREAMS)}
   tx = optax.sgd(1e-3)
   opt_state = tx.init(params)
 

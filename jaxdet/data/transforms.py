@@ -185,20 +185,32 @@ def resize_and_crop_image(image, image_size, size_divisor, *, scale_min=1.0,
   # Per-axis factors of the integer-size resize: exact for boxes, since the
   # half-pixel-centre bilinear resize maps continuous coordinates linearly.
   scale = scaled / tf.maximum(hw, 1.0)
-  scaled_int = tf.cast(scaled, tf.int32)
-  max_offset = tf.maximum(scaled_int - image_size, 0)
+  image = tf.image.resize(image, tf.cast(scaled, tf.int32), method='bilinear')
+  image, offset, valid = _window_on_canvas(image, image_size, canvas,
+                                           None if seed is None else offset_seed)
+  return image, scale, offset, valid
+
+
+def _window_on_canvas(image, image_size, canvas, seed):
+  """Cuts an `image_size` window out of a resized image (at a uniform integer offset with
+  a seed, at 0 without; only where the image is larger) and zero-pads it to canvas x canvas.
+
+  Returns the image [canvas, canvas, C], the window's corner (oy, ox) and the content size
+  (h, w) on the canvas, both float32 [2].
+  """
+  size = tf.shape(image)[:2]
+  max_offset = tf.maximum(size - image_size, 0)
   if seed is None:
-    offset_int = tf.zeros([2], tf.int32)
+    offset = tf.zeros([2], tf.int32)
   else:
-    u = tf.random.stateless_uniform([2], offset_seed)
-    offset_int = tf.minimum(
+    u = tf.random.stateless_uniform([2], seed)
+    offset = tf.minimum(
         tf.cast(tf.floor(u * tf.cast(max_offset + 1, tf.float32)), tf.int32), max_offset)
-  image = tf.image.resize(image, scaled_int, method='bilinear')
-  valid_int = tf.minimum(scaled_int - offset_int, image_size)
-  image = tf.slice(image, tf.concat([offset_int, [0]], 0), tf.concat([valid_int, [-1]], 0))
+  valid = tf.minimum(size - offset, image_size)
+  image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([valid, [-1]], 0))
   image = tf.image.pad_to_bounding_box(image, 0, 0, canvas, canvas)
   image.set_shape([canvas, canvas, image.shape[-1]])
-  return image, scale, tf.cast(offset_int, tf.float32), tf.cast(valid_int, tf.float32)
+  return image, tf.cast(offset, tf.float32), tf.cast(valid, tf.float32)
 
 
 def _choice(values, seed):
@@ -278,22 +290,11 @@ def resize_short_side_and_crop(image, image_size, size_divisor, *, short_sides, 
   image = tf.slice(image, tf.concat([corner_int, [0]], 0), tf.concat([window_int, [-1]], 0))
   scaled = tf.maximum(tf.round(window * factor), 1.0)
   scale = scaled / tf.maximum(window, 1.0)
-  scaled_int = tf.cast(scaled, tf.int32)
-  image = tf.image.resize(image, scaled_int, method='bilinear')
+  image = tf.image.resize(image, tf.cast(scaled, tf.int32), method='bilinear')
   # The canvas window over the resized content (a random one where it does not fit).
-  max_offset = tf.maximum(scaled_int - image_size, 0)
-  if seed is None:
-    offset_int = tf.zeros([2], tf.int32)
-  else:
-    u = tf.random.stateless_uniform([2], seeds[7])
-    offset_int = tf.minimum(
-        tf.cast(tf.floor(u * tf.cast(max_offset + 1, tf.float32)), tf.int32), max_offset)
-  valid_int = tf.minimum(scaled_int - offset_int, image_size)
-  image = tf.slice(image, tf.concat([offset_int, [0]], 0), tf.concat([valid_int, [-1]], 0))
-  image = tf.image.pad_to_bounding_box(image, 0, 0, canvas, canvas)
-  image.set_shape([canvas, canvas, image.shape[-1]])
-  offset = corner * scale + tf.cast(offset_int, tf.float32)
-  return image, scale, offset, tf.cast(valid_int, tf.float32)
+  image, canvas_offset, valid = _window_on_canvas(image, image_size, canvas,
+                                                  None if seed is None else seeds[7])
+  return image, scale, corner * scale + canvas_offset, valid
 
 
 RESIZE_MODES = ('long_side', 'short_side')
