@@ -11,6 +11,14 @@ section 1): d = 256, 8 heads, 6 + 6 post-norm layers, FFN 2048, dropout 0.1, 100
 matching cost 1 * (-p(class)) + 5 * L1 + 2 * (-GIoU); loss CE (no-object weight 0.1)
 + 5 * L1 + 2 * GIoU on every decoder layer, each with its own matching.
 
+`model.transformer.query_type` chooses the decoder's object queries: 'learned' (the
+paper's: Q learned positional embeddings, boxes predicted from scratch), 'anchor' (each query
+a learned point, its positions the point's sine encoding and its box centre an offset from
+the point, as Anchor DETR / DAB-DETR) or 'two_stage' (every encoder token predicts a box
+around its own cell and takes a set loss of its own; the Q best tokens become the decoder's
+reference boxes, as Deformable DETR's two-stage variant and DINO's query selection). The
+last two converge in far fewer epochs; the paper's recipe keeps 'learned'.
+
 Normalised box coordinates are relative to the image content of each input (the valid,
 unpadded region, `valid_size`), as the reference normalises targets by the augmented image
 size before padding. The valid region comes from the per-image metadata of the batch
@@ -33,6 +41,16 @@ from jaxdet.ops import hungarian
 
 # Transformer weights: Xavier-uniform, as the reference `Transformer._reset_parameters`.
 _xavier = nn.initializers.xavier_uniform()
+
+
+
+def _uniform_logit(key, shape, dtype=jnp.float32):
+  """Logits of points drawn uniformly in [0.02, 0.98] (anchor-point queries)."""
+  p = jax.random.uniform(key, shape, jnp.float32, 0.02, 0.98)
+  return jnp.log(p / (1 - p)).astype(dtype)
+
+
+QUERY_TYPES = ('learned', 'anchor', 'two_stage')
 
 MATCHERS = {
     'scipy': hungarian.linear_sum_assignment_scipy,
@@ -120,14 +138,16 @@ def sine_position_encoding(mask, num_features, temperature=10000.0, scale=2 * ma
   eps = 1e-6
   y = y / (y[:, -1:, :] + eps) * scale
   x = x / (x[:, :, -1:] + eps) * scale
-  k = jnp.arange(num_features, dtype=jnp.float32)
-  freq = temperature ** (2.0 * (k // 2) / num_features)          # [F]
+  return jnp.concatenate([sine_embed(y, num_features, temperature),
+                          sine_embed(x, num_features, temperature)], axis=-1)
 
-  def embed(t):
-    t = t[..., None] / freq                                       # [B, h, w, F]
-    return jnp.stack([jnp.sin(t[..., 0::2]), jnp.cos(t[..., 1::2])], axis=-1).reshape(
-        t.shape[:-1] + (num_features,))
-  return jnp.concatenate([embed(y), embed(x)], axis=-1)
+
+def sine_embed(t, num_features, temperature=10000.0):
+  """[...] coordinates -> [..., num_features]: sin at even, cos at odd channels k, of
+  t / temperature ** (2 * (k // 2) / num_features)."""
+  k = jnp.arange(num_features, dtype=jnp.float32)
+  t = t[..., None] / temperature ** (2.0 * (k // 2) / num_features)
+  return jnp.where(k % 2 == 0, jnp.sin(t), jnp.cos(t))
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -225,6 +245,7 @@ class DetrHead(nn.Module):
   dropout: float = 0.1
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
+  query_type: str = 'learned'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -253,8 +274,31 @@ class DetrHead(nn.Module):
       memory = EncoderLayer(**layer_args, name=f'encoder_layer{i}')(
           memory, pos, key_mask, train=train)
 
-    query_pos = self.param('query_embed', nn.initializers.normal(1.0),
-                           (self.num_queries, d), jnp.float32)
+    if self.query_type == 'learned':
+      query_pos = self.param('query_embed', nn.initializers.normal(1.0),
+                             (self.num_queries, d), jnp.float32)
+      ref_logit = None
+    elif self.query_type == 'anchor':
+      # Anchor points (Anchor DETR, Wang et al. 2022; DAB-DETR, Liu et al. 2022): each
+      # query owns a learned point, uniform over the image at init; its positional query is
+      # an MLP of the point's sine encoding (the encoder's, so query and key positions speak
+      # the same language), and its box centre is predicted as an offset from the point.
+      ref_logit = self.param('reference_points', _uniform_logit, (self.num_queries, 2),
+                             jnp.float32)                             # (y, x) logits
+      sine = sine_embed(jax.nn.sigmoid(ref_logit) * 2 * math.pi, d // 2).reshape(
+          self.num_queries, d)                                       # y then x, [Q, d]
+      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
+      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(query_pos))
+    elif self.query_type == 'two_stage':
+      ref_logit, encoder_outputs = self._propose(memory, mask, key_mask)
+      # The selected boxes' sine encoding (d / 4 channels per coordinate) -> positions.
+      sine = sine_embed(jax.nn.sigmoid(ref_logit) * 2 * math.pi, d // 4).reshape(
+          b, self.num_queries, d)
+      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
+      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(query_pos))
+    else:
+      raise ValueError(f'model.transformer.query_type={self.query_type!r}; use one of '
+                       f'{QUERY_TYPES}.')
     query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), (b, self.num_queries, d))
     tgt = jnp.zeros_like(query_pos)
     # One LayerNorm shared by every layer's output (the reference decoder's `norm`,
@@ -268,12 +312,59 @@ class DetrHead(nn.Module):
     hs = jnp.stack(outputs)                                          # [L, B, Q, d]
 
     logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name='class_embed')(hs)
-    y = hs
-    for i in range(2):
-      y = nn.relu(nn.Dense(d, dtype=self.dtype, name=f'bbox_embed{i}')(y))
-    y = nn.Dense(4, dtype=self.dtype, name='bbox_embed2')(y)
-    boxes = jax.nn.sigmoid(y.astype(jnp.float32))
+    y = _box_mlp(hs, d, self.dtype, 'bbox_embed')
+    if self.query_type == 'anchor':
+      # Centre = sigmoid(offset + logit(anchor)); the model's boxes are (cx, cy, w, h).
+      y = y + jnp.concatenate([ref_logit[:, ::-1], jnp.zeros_like(ref_logit)], -1)
+    elif self.query_type == 'two_stage':
+      y = y + ref_logit                                             # [B, Q, 4] + [L, B, Q, 4]
+    boxes = jax.nn.sigmoid(y)
+    if self.query_type == 'two_stage':
+      return logits.astype(jnp.float32), boxes, encoder_outputs
     return logits.astype(jnp.float32), boxes
+
+  def _propose(self, memory, mask, key_mask):
+    """Two-stage query selection (Deformable DETR's two-stage variant, DINO's query
+    selection): every encoder token predicts a class and a box around its own cell, and the
+    Q best-scoring tokens on image content become the decoder's reference boxes.
+
+    Returns:
+      ref_logit: [B, Q, 4] logits of the selected (cx, cy, w, h), gradient stopped.
+      (logits [B, L, C + 1], boxes [B, L, 4], valid [B, L]) of every token, for the
+      encoder's own set loss.
+    """
+    b, h, w = mask.shape
+    d = self.hidden_dim
+    if self.num_queries > h * w:
+      raise ValueError(f'two_stage selects num_queries={self.num_queries} of the encoder\'s '
+                       f'{h}x{w}={h * w} tokens; use fewer queries or a finer feature map.')
+    valid = mask.astype(jnp.float32)
+    rows = jnp.maximum(valid.sum(1, keepdims=True), 1.0)             # valid cells per column
+    cols = jnp.maximum(valid.sum(2, keepdims=True), 1.0)
+    cy = (jnp.cumsum(valid, 1) - 0.5) / rows                          # cell centres on content
+    cx = (jnp.cumsum(valid, 2) - 0.5) / cols
+    # A token's prior box: its cell's centre, two cells wide and high.
+    anchor = jnp.stack([cx, cy, jnp.broadcast_to(2.0 / cols, cx.shape),
+                        jnp.broadcast_to(2.0 / rows, cy.shape)], -1).reshape(b, h * w, 4)
+    anchor = jnp.clip(anchor, 0.01, 0.99)
+    anchor_logit = jnp.log(anchor / (1 - anchor))
+    out = nn.LayerNorm(dtype=self.dtype, name='enc_output_norm')(
+        nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name='enc_output')(memory))
+    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name='enc_class_embed')(
+        out).astype(jnp.float32)
+    box_logit = _box_mlp(out, d, self.dtype, 'enc_bbox_embed') + anchor_logit
+    score = jax.nn.softmax(logits, -1)[..., :-1].max(-1)             # best real class
+    score = jnp.where(key_mask, score, -1.0)                         # never a padded token
+    _, index = jax.lax.top_k(score, self.num_queries)                # [B, Q]
+    ref_logit = jax.lax.stop_gradient(jnp.take_along_axis(box_logit, index[..., None], 1))
+    return ref_logit, (logits, jax.nn.sigmoid(box_logit), key_mask)
+
+
+def _box_mlp(x, d, dtype, name):
+  """DETR's 3-layer box MLP (d, d, 4), returning float32 logits."""
+  for i in range(2):
+    x = nn.relu(nn.Dense(d, dtype=dtype, name=f'{name}{i}')(x))
+  return nn.Dense(4, dtype=dtype, name=f'{name}2')(x).astype(jnp.float32)
 
 
 class Model(nn.Module):
@@ -299,9 +390,12 @@ class Model(nn.Module):
     mask = feature_mask(size, features.shape[1:3], images.shape[1:3])
     head = DetrHead(num_classes=cfg.num_classes, dtype=dtype, **cfg.transformer.to_dict(),
                     name='head')
-    logits, boxes = head(features, mask, train=train)
-    return {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
-            'aux_logits': logits[:-1], 'aux_boxes': boxes[:-1]}
+    logits, boxes, *encoder = head(features, mask, train=train)
+    outputs = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
+               'aux_logits': logits[:-1], 'aux_boxes': boxes[:-1]}
+    if encoder:                           # two-stage: every encoder token's prediction
+      outputs['enc_logits'], outputs['enc_boxes'], outputs['enc_valid'] = encoder[0]
+    return outputs
 
 
 # ----------------------------------------------------------------------------- loss
@@ -324,13 +418,15 @@ def normalized_targets(batch, image_shape, data_cfg=None):
   return jnp.asarray(batch['classes'], jnp.int32), boxes, valid
 
 
-def match(logits, boxes, gt_classes, gt_boxes, gt_valid, model_cfg):
+def match(logits, boxes, gt_classes, gt_boxes, gt_valid, model_cfg, query_valid=None):
   """Hungarian matching of every (layer, image) at once: one host call for the scipy solver.
 
   Args:
     logits: [L, B, Q, C + 1]; boxes: [L, B, Q, 4] (cx, cy, w, h) normalised.
     gt_classes: [B, N]; gt_boxes: [B, N, 4] normalised (cx, cy, w, h); gt_valid: [B, N].
     model_cfg: config.model (matcher, cost weights).
+    query_valid: optional [B, Q] bool; False rows (padded encoder tokens) are never matched
+      while a valid one is free.
 
   Returns:
     pred_idx: [L, B, N] int32, the query matched to target n (distinct per image;
@@ -343,12 +439,16 @@ def match(logits, boxes, gt_classes, gt_boxes, gt_valid, model_cfg):
   per_image = jax.vmap(cost_fn)                                      # over B
   cost = jax.vmap(per_image, in_axes=(0, 0, None, None, None))(      # over L
       logits, boxes, gt_classes, gt_boxes, gt_valid)                 # [L, B, Q, N]
+  if query_valid is not None:
+    # Far above any real cost (class <= 1, L1 <= 4, -GIoU <= 1, times their weights).
+    cost = cost + jnp.where(query_valid, 0.0, 1e4)[None, :, :, None]
   valid = jnp.broadcast_to(gt_valid, cost.shape[:2] + gt_valid.shape[-1:])
   pred_idx, _, _ = MATCHERS[model_cfg.matcher](jax.lax.stop_gradient(cost), valid)
   return pred_idx
 
 
-def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes, loss_cfg):
+def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes, loss_cfg,
+             query_valid=None):
   """DETR's loss of one decoder layer given its matching.
 
   Args:
@@ -357,6 +457,8 @@ def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes,
     gt_classes, gt_boxes, gt_valid: [B, N], [B, N, 4], [B, N] (see `normalized_targets`).
     num_boxes: scalar, real targets in the global batch (at least 1).
     loss_cfg: ce_weight, l1_weight, giou_weight, eos_coef.
+    query_valid: optional [B, Q] bool; False queries (padded encoder tokens) take no
+      classification loss.
 
   Returns:
     (weighted sum, {'loss_ce', 'loss_bbox', 'loss_giou'}).
@@ -369,6 +471,8 @@ def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes,
   target = jnp.full((b, q), num_classes, jnp.int32).at[rows, pred_idx].set(
       jnp.where(gt_valid, gt_classes, num_classes))
   weights = jnp.where(target == num_classes, loss_cfg.eos_coef, 1.0)
+  if query_valid is not None:
+    weights = jnp.where(query_valid, weights, 0.0)
   ce = losses.softmax_cross_entropy(logits, target, weights)
   # Weighted mean over all queries of the batch, as PyTorch's cross_entropy(weight=...).
   loss_ce = ce.sum() / weights.sum()
@@ -408,6 +512,15 @@ def loss(outputs, batch, config):
     layer_loss, metrics = set_loss(logits[layer], boxes[layer], pred_idx[layer],
                                    gt_classes, gt_boxes, gt_valid, num_boxes, loss_cfg)
     total = total + layer_loss
+  if 'enc_logits' in outputs:
+    # Two-stage: the encoder's token proposals take the set loss with their own matching.
+    enc_logits, enc_boxes = outputs['enc_logits'][None], outputs['enc_boxes'][None]
+    enc_valid = outputs['enc_valid']
+    enc_idx = match(enc_logits, enc_boxes, gt_classes, gt_boxes, gt_valid, cfg, enc_valid)
+    enc_loss, enc_metrics = set_loss(enc_logits[0], enc_boxes[0], enc_idx[0], gt_classes,
+                                     gt_boxes, gt_valid, num_boxes, loss_cfg, enc_valid)
+    total = total + enc_loss
+    metrics = dict(metrics, **{f'enc_{k}': v for k, v in enc_metrics.items()})
   return total, dict(metrics, num_boxes=num_boxes / gt_valid.shape[0])
 
 

@@ -254,6 +254,108 @@ def test_padding_does_not_change_predictions():
   assert np.abs(np.asarray(logits_leak) - np.asarray(logits_s)).max() > 1e-2
 
 
+def test_anchor_queries_predict_offsets_from_their_points():
+  """query_type='anchor': uniform points at init, centres sigmoid(offset + logit(point)),
+  positional queries from the points' sine encoding; an unknown type is an error."""
+  head = detr.DetrHead(num_classes=6, hidden_dim=32, num_queries=50, num_heads=4, ffn_dim=64,
+                       num_encoder_layers=1, num_decoder_layers=2, query_type='anchor')
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(2, 4, 4, 16)).astype(np.float32)
+  mask = np.ones((2, 4, 4), bool)
+  variables = head.init(jax.random.key(0), features, mask, train=False)
+  params = variables['params']
+  points = jax.nn.sigmoid(params['reference_points'])                 # [Q, 2] (y, x)
+  assert points.shape == (50, 2) and 'query_embed' not in params
+  assert 0.02 <= float(points.min()) and float(points.max()) <= 0.98
+  assert float(points.std()) > 0.2                                   # spread, not clustered
+  # With a zero last box layer every decoder layer's centre is its query's point.
+  zeroed = jax.tree_util.tree_map(jnp.zeros_like, params['bbox_embed2'])
+  params = dict(params, bbox_embed2=zeroed)
+  _, boxes = head.apply({'params': params}, features, mask, train=False)
+  np.testing.assert_allclose(boxes[..., 0], np.broadcast_to(points[:, 1], boxes.shape[:3]),
+                             atol=1e-6)
+  np.testing.assert_allclose(boxes[..., 1], np.broadcast_to(points[:, 0], boxes.shape[:3]),
+                             atol=1e-6)
+  np.testing.assert_allclose(boxes[..., 2:], 0.5)
+  # The positional query is a function of the point: two queries moved onto one point
+  # get the same predictions.
+  ref = params['reference_points'].at[1].set(params['reference_points'][0])
+  logits, boxes = head.apply({'params': dict(params, reference_points=ref)}, features, mask,
+                             train=False)
+  np.testing.assert_allclose(logits[:, :, 0], logits[:, :, 1], atol=1e-5)
+  np.testing.assert_allclose(boxes[:, :, 0], boxes[:, :, 1], atol=1e-6)
+  bad = detr.DetrHead(num_classes=6, hidden_dim=32, num_queries=4, num_heads=4, ffn_dim=64,
+                      num_encoder_layers=1, num_decoder_layers=1, query_type='dab')
+  with pytest.raises(ValueError, match='query_type'):
+    bad.init(jax.random.key(0), features, mask, train=False)
+
+
+def test_two_stage_selects_content_tokens_and_trains_the_encoder():
+  """query_type='two_stage': every encoder token proposes a box around its own cell, the
+  decoder starts from the best Q tokens on content (never padding), and the encoder's
+  proposals take their own set loss."""
+  head = detr.DetrHead(num_classes=6, hidden_dim=32, num_queries=6, num_heads=4, ffn_dim=64,
+                       num_encoder_layers=1, num_decoder_layers=2, query_type='two_stage')
+  rng = np.random.default_rng(0)
+  features = rng.normal(size=(2, 4, 4, 16)).astype(np.float32)
+  mask = np.ones((2, 4, 4), bool)
+  mask[1, :, 2:] = False                                  # image 1: left half is content
+  variables = head.init(jax.random.key(0), features, mask, train=False)
+  params = variables['params']
+  zeroed = jax.tree_util.tree_map(jnp.zeros_like, params['enc_bbox_embed2'])
+  params = dict(params, enc_bbox_embed2=zeroed)
+  logits, boxes, (enc_logits, enc_boxes, enc_valid) = head.apply(
+      {'params': params}, features, mask, train=False)
+  assert logits.shape == (2, 2, 6, 7) and boxes.shape == (2, 2, 6, 4)
+  assert enc_logits.shape == (2, 16, 7) and enc_boxes.shape == (2, 16, 4)
+  np.testing.assert_array_equal(enc_valid, mask.reshape(2, 16))
+  # With a zero last layer a token's box is its prior: its cell's centre, two cells wide,
+  # measured on the content (image 1's content is 2 cells wide).
+  np.testing.assert_allclose(enc_boxes[0, 5], [0.375, 0.375, 0.5, 0.5], atol=1e-5)
+  np.testing.assert_allclose(enc_boxes[1, 1], [0.75, 0.125, 0.99, 0.5], atol=1e-5)
+  # Selected reference boxes come from content tokens only: image 1's decoder boxes
+  # before refinement (zero last decoder layer) are prior boxes of its left half.
+  params = dict(params, bbox_embed2=jax.tree_util.tree_map(jnp.zeros_like,
+                                                            params['bbox_embed2']))
+  _, boxes, _ = head.apply({'params': params}, features, mask, train=False)
+  content = np.asarray(enc_boxes[1])[mask[1].reshape(-1)]
+  for q in range(6):
+    assert np.abs(content - np.asarray(boxes[-1, 1, q])).sum(-1).min() < 1e-5
+  with pytest.raises(ValueError, match='num_queries=20'):
+    detr.DetrHead(num_classes=6, hidden_dim=32, num_queries=20, num_heads=4, ffn_dim=64,
+                  num_encoder_layers=1, num_decoder_layers=1, query_type='two_stage').init(
+                      jax.random.key(0), features, mask, train=False)
+
+
+def test_two_stage_loss_includes_the_encoder_and_skips_padded_tokens():
+  config = tiny_config()
+  config.model.transformer.query_type = 'two_stage'
+  rng = np.random.default_rng(1)
+  batch = synthetic_batch(rng, 2, 64, config.data.max_instances, counts=[2, 1])
+  b, q, l, k = 2, config.model.transformer.num_queries, 16, 7
+  outputs = {'pred_logits': jnp.asarray(rng.normal(size=(b, q, k)), jnp.float32),
+             'pred_boxes': jnp.full((b, q, 4), 0.5),
+             'aux_logits': jnp.zeros((0, b, q, k)), 'aux_boxes': jnp.zeros((0, b, q, 4)),
+             'enc_logits': jnp.asarray(rng.normal(size=(b, l, k)), jnp.float32),
+             'enc_boxes': jnp.full((b, l, 4), 0.5)}
+  valid = np.ones((b, l), bool)
+  valid[:, 8:] = False
+  # Padded tokens hold perfect predictions; they must be neither matched nor classified.
+  gt = detr.normalized_targets(batch, batch['image'].shape, config.data)
+  perfect = np.asarray(outputs['enc_boxes']).copy()
+  perfect[0, 8:10] = np.asarray(gt[1][0, :2])
+  outputs['enc_boxes'] = jnp.asarray(perfect)
+  total, metrics = detr.loss(dict(outputs, enc_valid=jnp.asarray(valid)), batch, config)
+  decoder_only, _ = detr.loss({k: v for k, v in outputs.items() if not k.startswith('enc')},
+                              batch, config)
+  assert float(total) > float(decoder_only) and float(metrics['enc_loss_bbox']) > 0.1
+  shifted = np.asarray(outputs['enc_logits']).copy()
+  shifted[:, 8:] += 5.0 * rng.normal(size=shifted[:, 8:].shape)
+  total2, _ = detr.loss(dict(outputs, enc_logits=jnp.asarray(shifted),
+                             enc_valid=jnp.asarray(valid)), batch, config)
+  np.testing.assert_allclose(float(total2), float(total), rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------- loss
 
 
