@@ -46,7 +46,10 @@ def detr_model(num_classes=80):
   m.matcher = 'scipy'                # 'scipy' (host callback) | 'jax' (on the accelerator)
   m.cost = ml_collections.ConfigDict(dict(class_weight=1.0, l1_weight=5.0, giou_weight=2.0))
   m.loss = ml_collections.ConfigDict(dict(
-      ce_weight=1.0, l1_weight=5.0, giou_weight=2.0, eos_coef=0.1, aux_loss=True))
+      ce_weight=1.0, l1_weight=5.0, giou_weight=2.0, eos_coef=0.1, aux_loss=True,
+      # 'softmax' (the paper: CE over C + 1, "no object" weighted eos_coef) | 'focal'
+      # (sigmoid focal loss and focal matching cost, as Deformable DETR).
+      class_loss='softmax', focal_alpha=0.25, focal_gamma=2.0))
   m.postprocess = ml_collections.ConfigDict(dict(max_detections=100))
   return m
 

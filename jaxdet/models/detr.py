@@ -52,6 +52,18 @@ def _uniform_logit(key, shape, dtype=jnp.float32):
 
 QUERY_TYPES = ('learned', 'anchor', 'two_stage')
 
+
+def _class_loss(model_cfg):
+  return model_cfg.loss.get('class_loss', 'softmax')
+
+
+def class_scores(logits, sigmoid=False):
+  """[..., C + 1] logits -> [..., C] real-class probabilities: softmax over all C + 1
+  (DETR), or sigmoid of the first C (with the focal loss; the last logit is unused)."""
+  if sigmoid:
+    return jax.nn.sigmoid(logits[..., :-1])
+  return jax.nn.softmax(logits, axis=-1)[..., :-1]
+
 MATCHERS = {
     'scipy': hungarian.linear_sum_assignment_scipy,
     'jax': hungarian.linear_sum_assignment_jax,
@@ -246,6 +258,7 @@ class DetrHead(nn.Module):
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   query_type: str = 'learned'
+  sigmoid_scores: bool = False      # class scores: softmax over C + 1, or sigmoid (focal loss)
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -290,7 +303,7 @@ class DetrHead(nn.Module):
       query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
       query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(query_pos))
     elif self.query_type == 'two_stage':
-      ref_logit, encoder_outputs = self._propose(memory, mask, key_mask)
+      ref_logit, content, encoder_outputs = self._propose(memory, mask, key_mask)
       # The selected boxes' sine encoding (d / 4 channels per coordinate) -> positions.
       sine = sine_embed(jax.nn.sigmoid(ref_logit) * 2 * math.pi, d // 4).reshape(
           b, self.num_queries, d)
@@ -300,7 +313,9 @@ class DetrHead(nn.Module):
       raise ValueError(f'model.transformer.query_type={self.query_type!r}; use one of '
                        f'{QUERY_TYPES}.')
     query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), (b, self.num_queries, d))
-    tgt = jnp.zeros_like(query_pos)
+    # DETR's decoder starts from zero content; two-stage from the selected tokens' features.
+    tgt = content.astype(self.dtype) if self.query_type == 'two_stage' else jnp.zeros_like(
+        query_pos)
     # One LayerNorm shared by every layer's output (the reference decoder's `norm`,
     # applied to the intermediate outputs that feed the auxiliary losses).
     decoder_norm = nn.LayerNorm(dtype=self.dtype, name='decoder_norm')
@@ -311,7 +326,8 @@ class DetrHead(nn.Module):
       outputs.append(decoder_norm(tgt))
     hs = jnp.stack(outputs)                                          # [L, B, Q, d]
 
-    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name='class_embed')(hs)
+    logits = nn.Dense(self.num_classes + 1, bias_init=self._class_bias_init(),
+                      dtype=self.dtype, name='class_embed')(hs)
     y = _box_mlp(hs, d, self.dtype, 'bbox_embed')
     if self.query_type == 'anchor':
       # Centre = sigmoid(offset + logit(anchor)); the model's boxes are (cx, cy, w, h).
@@ -323,6 +339,12 @@ class DetrHead(nn.Module):
       return logits.astype(jnp.float32), boxes, encoder_outputs
     return logits.astype(jnp.float32), boxes
 
+  def _class_bias_init(self):
+    # Sigmoid scores start at a prior probability of 0.01 (RetinaNet, Deformable DETR).
+    if self.sigmoid_scores:
+      return nn.initializers.constant(-math.log((1 - 0.01) / 0.01))
+    return nn.initializers.zeros
+
   def _propose(self, memory, mask, key_mask):
     """Two-stage query selection (Deformable DETR's two-stage variant, DINO's query
     selection): every encoder token predicts a class and a box around its own cell, and the
@@ -330,6 +352,8 @@ class DetrHead(nn.Module):
 
     Returns:
       ref_logit: [B, Q, 4] logits of the selected (cx, cy, w, h), gradient stopped.
+      content: [B, Q, d] the selected tokens' features, gradient stopped (RT-DETR's
+        initial decoder content).
       (logits [B, L, C + 1], boxes [B, L, 4], valid [B, L]) of every token, for the
       encoder's own set loss.
     """
@@ -350,14 +374,16 @@ class DetrHead(nn.Module):
     anchor_logit = jnp.log(anchor / (1 - anchor))
     out = nn.LayerNorm(dtype=self.dtype, name='enc_output_norm')(
         nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name='enc_output')(memory))
-    logits = nn.Dense(self.num_classes + 1, dtype=self.dtype, name='enc_class_embed')(
+    logits = nn.Dense(self.num_classes + 1, bias_init=self._class_bias_init(),
+                      dtype=self.dtype, name='enc_class_embed')(
         out).astype(jnp.float32)
     box_logit = _box_mlp(out, d, self.dtype, 'enc_bbox_embed') + anchor_logit
-    score = jax.nn.softmax(logits, -1)[..., :-1].max(-1)             # best real class
+    score = class_scores(logits, self.sigmoid_scores).max(-1)        # best real class
     score = jnp.where(key_mask, score, -1.0)                         # never a padded token
     _, index = jax.lax.top_k(score, self.num_queries)                # [B, Q]
     ref_logit = jax.lax.stop_gradient(jnp.take_along_axis(box_logit, index[..., None], 1))
-    return ref_logit, (logits, jax.nn.sigmoid(box_logit), key_mask)
+    content = jax.lax.stop_gradient(jnp.take_along_axis(out, index[..., None], 1))
+    return ref_logit, content, (logits, jax.nn.sigmoid(box_logit), key_mask)
 
 
 def _box_mlp(x, d, dtype, name):
@@ -389,6 +415,7 @@ class Model(nn.Module):
     size = valid_size(targets, images.shape, self.config.get('data'))
     mask = feature_mask(size, features.shape[1:3], images.shape[1:3])
     head = DetrHead(num_classes=cfg.num_classes, dtype=dtype, **cfg.transformer.to_dict(),
+                    sigmoid_scores=_class_loss(cfg) == 'focal',
                     name='head')
     logits, boxes, *encoder = head(features, mask, train=train)
     outputs = {'pred_logits': logits[-1], 'pred_boxes': boxes[-1],
@@ -434,7 +461,7 @@ def match(logits, boxes, gt_classes, gt_boxes, gt_valid, model_cfg, query_valid=
   """
   if model_cfg.matcher not in MATCHERS:
     raise ValueError(f'model.matcher={model_cfg.matcher!r}; use one of {sorted(MATCHERS)}.')
-  costs = model_cfg.cost.to_dict()
+  costs = dict(model_cfg.cost.to_dict(), class_cost=_class_loss(model_cfg))
   cost_fn = lambda l, b, c, g, v: hungarian.detr_cost(l, b, c, g, v, **costs)
   per_image = jax.vmap(cost_fn)                                      # over B
   cost = jax.vmap(per_image, in_axes=(0, 0, None, None, None))(      # over L
@@ -470,12 +497,26 @@ def set_loss(logits, boxes, pred_idx, gt_classes, gt_boxes, gt_valid, num_boxes,
   # distinct from the matched ones, so writing "no object" there cannot overwrite a match.
   target = jnp.full((b, q), num_classes, jnp.int32).at[rows, pred_idx].set(
       jnp.where(gt_valid, gt_classes, num_classes))
-  weights = jnp.where(target == num_classes, loss_cfg.eos_coef, 1.0)
-  if query_valid is not None:
-    weights = jnp.where(query_valid, weights, 0.0)
-  ce = losses.softmax_cross_entropy(logits, target, weights)
-  # Weighted mean over all queries of the batch, as PyTorch's cross_entropy(weight=...).
-  loss_ce = ce.sum() / weights.sum()
+  class_loss = loss_cfg.get('class_loss', 'softmax')
+  if class_loss == 'softmax':
+    weights = jnp.where(target == num_classes, loss_cfg.eos_coef, 1.0)
+    if query_valid is not None:
+      weights = jnp.where(query_valid, weights, 0.0)
+    ce = losses.softmax_cross_entropy(logits, target, weights)
+    # Weighted mean over all queries of the batch, as PyTorch's cross_entropy(weight=...).
+    loss_ce = ce.sum() / weights.sum()
+  elif class_loss == 'focal':
+    # Sigmoid focal loss on the C real-class logits ("no object" is all zeros), summed
+    # over queries and classes and divided by the target count, as Deformable DETR.
+    onehot = jax.nn.one_hot(target, num_classes)                    # no object -> zeros
+    fl = losses.sigmoid_focal_loss(logits[..., :num_classes], onehot,
+                                   alpha=loss_cfg.get('focal_alpha', 0.25),
+                                   gamma=loss_cfg.get('focal_gamma', 2.0)).sum(-1)
+    if query_valid is not None:
+      fl = jnp.where(query_valid, fl, 0.0)
+    loss_ce = fl.sum() / num_boxes
+  else:
+    raise ValueError(f'model.loss.class_loss={class_loss!r}; use "softmax" or "focal".')
 
   matched_boxes = jnp.take_along_axis(boxes, pred_idx[..., None], axis=1)  # [B, N, 4]
   m = gt_valid.astype(jnp.float32)
@@ -533,7 +574,7 @@ def postprocess(outputs, batch, config):
   Returns boxes [B, K, 4] (original-image pixels), scores [B, K], classes [B, K] int32,
   num [B] int32 (= K: every query is a detection), K = min(postprocess.max_detections, Q).
   """
-  prob = jax.nn.softmax(outputs['pred_logits'], axis=-1)[..., :-1]     # [B, Q, C]
+  prob = class_scores(outputs['pred_logits'], _class_loss(config.model) == 'focal')
   scores, classes = prob.max(-1), prob.argmax(-1)
   k = min(config.model.postprocess.max_detections, scores.shape[1])
   scores, keep = jax.lax.top_k(scores, k)

@@ -26,8 +26,13 @@ import scipy.optimize
 from jaxdet.ops import boxes as box_ops
 
 
+# -log(1e-8): the focal cost's cap on -log p.
+_FOCAL_LOG_CAP = 18.420680743952367
+
+
 def detr_cost(pred_logits, pred_boxes, gt_classes, gt_boxes, gt_valid, *,
-              class_weight=1.0, l1_weight=5.0, giou_weight=2.0):
+              class_weight=1.0, l1_weight=5.0, giou_weight=2.0, class_cost='softmax',
+              focal_alpha=0.25, focal_gamma=2.0):
   """DETR's matching cost between the predictions and targets of one image.
 
   cost[q, n] = class_weight * (-p_q(c_n)) + l1_weight * |b_q - b_n|_1
@@ -35,10 +40,13 @@ def detr_cost(pred_logits, pred_boxes, gt_classes, gt_boxes, gt_valid, *,
   with p_q the softmax over the C + 1 logits of query q, the L1 distance taken
   on normalised (cx, cy, w, h) and GIoU on the corresponding corners, as the
   reference DETR HungarianMatcher (defaults 1 / 5 / 2; DETR `main.py`).
+  With class_cost='focal' the class term is Deformable DETR's focal cost on sigmoid
+  probabilities p of the logits, FL(p, 1) - FL(p, 0) at the target's class, with
+  FL(p, 1) = alpha (1 - p)^gamma (-log p) and FL(p, 0) = (1 - alpha) p^gamma (-log(1 - p)).
 
   Padded targets, and any entry that is NaN / +-inf (e.g. a diverged
   prediction), get the finite cost `class_weight + 4 * l1_weight +
-  giou_weight`, which is not below any finite cost between boxes inside the
+  giou_weight` (the focal class term's bound in place of class_weight), which is not below any finite cost between boxes inside the
   unit square (the class term is <= 0, L1 <= 4, -GIoU <= 1), as Scenic's
   `compute_cost` does: the solvers never see NaN or inf.
 
@@ -51,6 +59,8 @@ def detr_cost(pred_logits, pred_boxes, gt_classes, gt_boxes, gt_valid, *,
     class_weight: weight of the class term.
     l1_weight: weight of the L1 box term.
     giou_weight: weight of the GIoU term.
+    class_cost: 'softmax' (DETR) or 'focal' (with the sigmoid focal classification loss).
+    focal_alpha, focal_gamma: the focal cost's alpha and gamma.
 
   Returns:
     [Q, N] float32 cost, finite everywhere.
@@ -60,16 +70,30 @@ def detr_cost(pred_logits, pred_boxes, gt_classes, gt_boxes, gt_valid, *,
   gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
   gt_classes = jnp.asarray(gt_classes, jnp.int32)
   num_classes = pred_logits.shape[-1]
-  prob = jax.nn.softmax(pred_logits, axis=-1)  # [Q, C + 1]
   # Padded targets may carry any class id; clip so that the gather is defined.
   cls = jnp.clip(gt_classes, 0, num_classes - 1)
-  cost_class = -jnp.take(prob, cls, axis=-1)  # [Q, N]
+  if class_cost == 'softmax':
+    prob = jax.nn.softmax(pred_logits, axis=-1)  # [Q, C + 1]
+    cost_class = -jnp.take(prob, cls, axis=-1)  # [Q, N]
+    class_bound = abs(class_weight)
+  elif class_cost == 'focal':
+    logits = jnp.take(pred_logits, cls, axis=-1)  # [Q, N]
+    p = jax.nn.sigmoid(logits)
+    # -log p and -log(1 - p) from log-sigmoids, capped at -log(1e-8) (Deformable DETR's eps).
+    nlog_p = jnp.minimum(-jax.nn.log_sigmoid(logits), _FOCAL_LOG_CAP)
+    nlog_not_p = jnp.minimum(-jax.nn.log_sigmoid(-logits), _FOCAL_LOG_CAP)
+    pos = focal_alpha * (1 - p) ** focal_gamma * nlog_p
+    neg = (1 - focal_alpha) * p ** focal_gamma * nlog_not_p
+    cost_class = pos - neg
+    class_bound = abs(class_weight) * max(focal_alpha, 1 - focal_alpha) * _FOCAL_LOG_CAP
+  else:
+    raise ValueError(f'class_cost={class_cost!r}; use "softmax" or "focal".')
   cost_l1 = jnp.abs(pred_boxes[:, None, :] - gt_boxes[None, :, :]).sum(-1)
   giou = box_ops.pairwise_giou(box_ops.cxcywh_to_xyxy(pred_boxes),
                                box_ops.cxcywh_to_xyxy(gt_boxes))  # [Q, N]
   cost = (class_weight * cost_class + l1_weight * cost_l1
           - giou_weight * giou)
-  bound = abs(class_weight) + 4.0 * abs(l1_weight) + abs(giou_weight)
+  bound = class_bound + 4.0 * abs(l1_weight) + abs(giou_weight)
   ok = jnp.isfinite(cost) & jnp.asarray(gt_valid, bool)[None, :]
   return jnp.where(ok, cost, jnp.float32(bound))
 

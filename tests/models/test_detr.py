@@ -447,6 +447,41 @@ def test_loss_against_brute_force_reference(matcher):
   np.testing.assert_allclose(float(last), ce + 5 * l1 + 2 * giou, rtol=1e-5)
 
 
+def test_focal_class_loss_and_sigmoid_scores():
+  """loss.class_loss='focal': sigmoid focal loss over the C real classes of every query
+  (matched queries one-hot at their target, the rest all zeros), summed and divided by the
+  target count; post-processing then scores with sigmoids."""
+  c = tiny_config()
+  c.model.loss.class_loss = 'focal'
+  rng = np.random.default_rng(7)
+  b, q, n, k = 2, 4, 3, 7
+  logits = rng.normal(scale=2.0, size=(b, q, k)).astype(np.float32)
+  boxes = np.full((b, q, 4), 0.5, np.float32)
+  pred_idx = np.array([[2, 0, 1], [3, 1, 0]])
+  gt_classes = np.array([[4, 1, -1], [0, -1, -1]])
+  gt_valid = gt_classes >= 0
+  num_boxes = 3.0
+  _, metrics = detr.set_loss(logits, boxes, pred_idx, gt_classes, boxes[:, :n], gt_valid,
+                             num_boxes, c.model.loss)
+  target = np.zeros((b, q, k - 1))
+  target[0, 2, 4] = target[0, 0, 1] = target[1, 3, 0] = 1.0
+  p = 1 / (1 + np.exp(-logits[..., :-1].astype(np.float64)))
+  pt = np.where(target == 1, p, 1 - p)
+  alpha = np.where(target == 1, 0.25, 0.75)
+  want = (alpha * (1 - pt) ** 2 * -np.log(pt)).sum() / num_boxes
+  np.testing.assert_allclose(float(metrics['loss_ce']), want, rtol=1e-5)
+  batch = {'image': np.zeros((b, 64, 64, 3), np.float32),
+           'orig_size': np.full((b, 2), 64, np.int32), 'scale': np.ones((b, 2), np.float32),
+           'offset': np.zeros((b, 2), np.float32)}
+  out = detr.postprocess({'pred_logits': logits, 'pred_boxes': boxes}, batch, c)
+  np.testing.assert_allclose(np.sort(out['scores'], -1)[:, ::-1], np.sort(p.max(-1), -1)[:, ::-1],
+                             rtol=1e-6)
+  c.model.loss.class_loss = 'hinge'
+  with pytest.raises(ValueError, match='class_loss'):
+    detr.set_loss(logits, boxes, pred_idx, gt_classes, boxes[:, :n], gt_valid, num_boxes,
+                  c.model.loss)
+
+
 def test_loss_without_targets_is_classification_only():
   c = tiny_config()
   logits = np.random.default_rng(0).normal(size=(2, 3, 7)).astype(np.float32)

@@ -210,6 +210,33 @@ def test_detr_cost_against_numpy_reference():
   np.testing.assert_array_equal(cost[:, 2], 23.0)
 
 
+def test_detr_focal_cost_against_closed_form():
+  """class_cost='focal': FL(p, 1) - FL(p, 0) at the target class, sigmoid p; padded
+  targets get a bound above every finite cost."""
+  rng = np.random.default_rng(6)
+  q, n, c = 4, 3, 5
+  logits = rng.normal(scale=2.0, size=(q, c + 1)).astype(np.float32)
+  logits[0, 1] = -40.0                       # p ~ 4e-18: -log p is capped at -log 1e-8
+  box = np.full((q, 4), 0.5, np.float32)
+  cls = np.array([1, 3, 0])
+  valid = np.array([True, True, False])
+  cost = np.asarray(hungarian.detr_cost(logits, box, cls, box[:n], valid,
+                                        class_weight=2.0, class_cost='focal'))
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  for i in range(q):
+    for j in range(2):
+      pj = p[i, cls[j]]
+      pos = 0.25 * (1 - pj) ** 2 * min(-np.log(pj), -np.log(1e-8))
+      neg = 0.75 * pj ** 2 * -np.log(1 - pj)
+      want = 2.0 * (pos - neg) - 2.0              # identical boxes: L1 0, GIoU 1
+      np.testing.assert_allclose(cost[i, j], want, rtol=1e-4, atol=1e-5)
+  bound = 2.0 * 0.75 * -np.log(1e-8) + 4 * 5 + 2
+  np.testing.assert_allclose(cost[:, 2], bound, rtol=1e-6)
+  assert cost[:, :2].max() < bound
+  with pytest.raises(ValueError, match='class_cost'):
+    hungarian.detr_cost(logits, box, cls, box[:n], valid, class_cost='sigmoid')
+
+
 @pytest.mark.parametrize('solver', sorted(SOLVERS))
 def test_nan_predictions_give_valid_assignment(solver):
   rng = np.random.default_rng(5)
