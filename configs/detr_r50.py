@@ -49,7 +49,9 @@ def detr_model(num_classes=80):
       ce_weight=1.0, l1_weight=5.0, giou_weight=2.0, eos_coef=0.1, aux_loss=True,
       # 'softmax' (the paper: CE over C + 1, "no object" weighted eos_coef) | 'focal'
       # (sigmoid focal loss and focal matching cost, as Deformable DETR).
-      class_loss='softmax', focal_alpha=0.25, focal_gamma=2.0))
+      class_loss='softmax', focal_alpha=0.25, focal_gamma=2.0,
+      # two_stage queries: targets matched to this many encoder tokens each (one-to-many).
+      encoder_repeats=1))
   m.postprocess = ml_collections.ConfigDict(dict(max_detections=100))
   return m
 

@@ -555,11 +555,22 @@ def loss(outputs, batch, config):
     total = total + layer_loss
   if 'enc_logits' in outputs:
     # Two-stage: the encoder's token proposals take the set loss with their own matching.
+    # They are never detections, so each target may be matched to `encoder_repeats` tokens
+    # (H-DETR's one-to-many matching: the targets repeated k times, then Hungarian).
+    k = int(loss_cfg.get('encoder_repeats', 1))
     enc_logits, enc_boxes = outputs['enc_logits'][None], outputs['enc_boxes'][None]
     enc_valid = outputs['enc_valid']
-    enc_idx = match(enc_logits, enc_boxes, gt_classes, gt_boxes, gt_valid, cfg, enc_valid)
-    enc_loss, enc_metrics = set_loss(enc_logits[0], enc_boxes[0], enc_idx[0], gt_classes,
-                                     gt_boxes, gt_valid, num_boxes, loss_cfg, enc_valid)
+    if k * gt_valid.shape[1] > enc_valid.shape[1]:
+      raise ValueError(f'model.loss.encoder_repeats={k} x data.max_instances='
+                       f'{gt_valid.shape[1]} targets exceed the {enc_valid.shape[1]} '
+                       'encoder tokens.')
+    rep_classes, rep_boxes, rep_valid = (jnp.tile(gt_classes, (1, k)),
+                                         jnp.tile(gt_boxes, (1, k, 1)),
+                                         jnp.tile(gt_valid, (1, k)))
+    enc_idx = match(enc_logits, enc_boxes, rep_classes, rep_boxes, rep_valid, cfg, enc_valid)
+    enc_loss, enc_metrics = set_loss(enc_logits[0], enc_boxes[0], enc_idx[0], rep_classes,
+                                     rep_boxes, rep_valid, num_boxes * k, loss_cfg,
+                                     enc_valid)
     total = total + enc_loss
     metrics = dict(metrics, **{f'enc_{k}': v for k, v in enc_metrics.items()})
   return total, dict(metrics, num_boxes=num_boxes / gt_valid.shape[0])

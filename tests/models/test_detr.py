@@ -356,6 +356,29 @@ def test_two_stage_loss_includes_the_encoder_and_skips_padded_tokens():
   np.testing.assert_allclose(float(total2), float(total), rtol=1e-6)
 
 
+def test_two_stage_encoder_repeats_match_each_target_k_times():
+  config = tiny_config()
+  config.model.transformer.query_type = 'two_stage'
+  config.model.loss.encoder_repeats = 2
+  rng = np.random.default_rng(2)
+  batch = synthetic_batch(rng, 1, 64, 4, counts=[3])
+  q, l, k = config.model.transformer.num_queries, 16, 7
+  gt = np.asarray(detr.normalized_targets(batch, batch['image'].shape, config.data)[1][0])
+  enc_boxes = np.tile(np.array([0.9, 0.9, 0.05, 0.05], np.float32), (1, l, 1))
+  enc_boxes[0, :3] = gt[:3]                               # one perfect token per target
+  outputs = {'pred_logits': jnp.zeros((1, q, k)), 'pred_boxes': jnp.full((1, q, 4), 0.5),
+             'aux_logits': jnp.zeros((0, 1, q, k)), 'aux_boxes': jnp.zeros((0, 1, q, 4)),
+             'enc_logits': jnp.zeros((1, l, k)), 'enc_valid': jnp.ones((1, l), bool)}
+  _, once = detr.loss(dict(outputs, enc_boxes=jnp.asarray(enc_boxes)), batch, config)
+  enc_boxes[0, 3:6] = gt[:3]                              # a second perfect token each
+  _, twice = detr.loss(dict(outputs, enc_boxes=jnp.asarray(enc_boxes)), batch, config)
+  assert float(once['enc_loss_bbox']) > 0.3
+  np.testing.assert_allclose(float(twice['enc_loss_bbox']), 0.0, atol=1e-6)
+  config.model.loss.encoder_repeats = 5                   # 5 x 4 slots > 16 tokens
+  with pytest.raises(ValueError, match='encoder_repeats=5'):
+    detr.loss(dict(outputs, enc_boxes=jnp.asarray(enc_boxes)), batch, config)
+
+
 # ----------------------------------------------------------------------------- loss
 
 
