@@ -42,6 +42,7 @@ def detr_model(num_classes=80):
   m.transformer = ml_collections.ConfigDict(dict(
       hidden_dim=256, num_queries=100, num_heads=8, ffn_dim=2048, dropout=0.1,
       num_encoder_layers=6, num_decoder_layers=6,
+      pre_norm=False,                # the paper's post-norm layers; True: pre-norm
       query_type='learned'))  # 'learned' (the paper) | 'anchor' | 'two_stage' (see detr.py)
   m.matcher = 'scipy'                # 'scipy' (host callback) | 'jax' (on the accelerator)
   m.cost = ml_collections.ConfigDict(dict(class_weight=1.0, l1_weight=5.0, giou_weight=2.0))

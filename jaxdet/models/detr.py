@@ -188,34 +188,42 @@ def _attention(num_heads, dim, dropout, dtype, name):
 
 
 class EncoderLayer(nn.Module):
-  """Post-norm encoder layer: x = LN(x + SelfAttn(x + pos)); x = LN(x + FFN(x))."""
+  """Encoder layer. Post-norm (the paper): x = LN(x + SelfAttn(x + pos)); x = LN(x + FFN(x)).
+  Pre-norm (the reference's `pre_norm`): x = x + SelfAttn(LN(x) + pos); x = x + FFN(LN(x))."""
   dim: int
   num_heads: int
   ffn_dim: int
   dropout: float
+  pre_norm: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, pos, key_mask, *, train: bool):
     """x, pos: [B, L, d]; key_mask: [B, L] bool (True = content). Returns [B, L, d]."""
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    attn = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')
+    ffn = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')
+    norm1 = nn.LayerNorm(dtype=self.dtype, name='norm1')
+    norm2 = nn.LayerNorm(dtype=self.dtype, name='norm2')
     attn_mask = key_mask[:, None, None, :]                         # [B, 1, 1, L]
+    if self.pre_norm:
+      y = norm1(x)
+      x = x + drop(attn(y + pos, y + pos, y, mask=attn_mask, deterministic=not train))
+      return x + drop(ffn(norm2(x), train=train))
     q = x + pos
-    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')(
-        q, q, x, mask=attn_mask, deterministic=not train)
-    x = nn.LayerNorm(dtype=self.dtype, name='norm1')(x + drop(y))
-    y = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')(
-        x, train=train)
-    return nn.LayerNorm(dtype=self.dtype, name='norm2')(x + drop(y))
+    x = norm1(x + drop(attn(q, q, x, mask=attn_mask, deterministic=not train)))
+    return norm2(x + drop(ffn(x, train=train)))
 
 
 class DecoderLayer(nn.Module):
-  """Post-norm decoder layer: self-attention over queries, cross-attention to the memory,
-  FFN; positions (query embeddings, sine encoding) are added to queries and keys only."""
+  """Decoder layer: self-attention over queries, cross-attention to the memory, FFN, each
+  post-norm (the paper) or pre-norm; positions (query embeddings, sine encoding) are added
+  to queries and keys only."""
   dim: int
   num_heads: int
   ffn_dim: int
   dropout: float
+  pre_norm: bool = False
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -225,17 +233,23 @@ class DecoderLayer(nn.Module):
     Returns [B, Q, d].
     """
     drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    self_attn = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')
+    cross_attn = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'cross_attn')
+    ffn = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')
+    norms = [nn.LayerNorm(dtype=self.dtype, name=f'norm{i}') for i in (1, 2, 3)]
+    mask = key_mask[:, None, None, :]
+    if self.pre_norm:
+      y = norms[0](tgt)
+      tgt = tgt + drop(self_attn(y + query_pos, y + query_pos, y, deterministic=not train))
+      y = norms[1](tgt)
+      tgt = tgt + drop(cross_attn(y + query_pos, memory + pos, memory, mask=mask,
+                                  deterministic=not train))
+      return tgt + drop(ffn(norms[2](tgt), train=train))
     q = tgt + query_pos
-    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'self_attn')(
-        q, q, tgt, deterministic=not train)
-    tgt = nn.LayerNorm(dtype=self.dtype, name='norm1')(tgt + drop(y))
-    y = _attention(self.num_heads, self.dim, self.dropout, self.dtype, 'cross_attn')(
-        tgt + query_pos, memory + pos, memory, mask=key_mask[:, None, None, :],
-        deterministic=not train)
-    tgt = nn.LayerNorm(dtype=self.dtype, name='norm2')(tgt + drop(y))
-    y = FeedForward(self.dim, self.ffn_dim, self.dropout, self.dtype, name='ffn')(
-        tgt, train=train)
-    return nn.LayerNorm(dtype=self.dtype, name='norm3')(tgt + drop(y))
+    tgt = norms[0](tgt + drop(self_attn(q, q, tgt, deterministic=not train)))
+    tgt = norms[1](tgt + drop(cross_attn(tgt + query_pos, memory + pos, memory, mask=mask,
+                                         deterministic=not train)))
+    return norms[2](tgt + drop(ffn(tgt, train=train)))
 
 
 class DetrHead(nn.Module):
@@ -258,6 +272,7 @@ class DetrHead(nn.Module):
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   query_type: str = 'learned'
+  pre_norm: bool = False
   sigmoid_scores: bool = False      # class scores: softmax over C + 1, or sigmoid (focal loss)
   dtype: Any = jnp.float32
 
@@ -282,10 +297,13 @@ class DetrHead(nn.Module):
     pos = pos.reshape(b, h * w, d)
     key_mask = mask.reshape(b, h * w)
     layer_args = dict(dim=d, num_heads=self.num_heads, ffn_dim=self.ffn_dim,
-                      dropout=self.dropout, dtype=self.dtype)
+                      dropout=self.dropout, pre_norm=self.pre_norm, dtype=self.dtype)
     for i in range(self.num_encoder_layers):
       memory = EncoderLayer(**layer_args, name=f'encoder_layer{i}')(
           memory, pos, key_mask, train=train)
+    if self.pre_norm and self.num_encoder_layers:
+      # Pre-norm layers leave their sum unnormalised: the reference's final encoder norm.
+      memory = nn.LayerNorm(dtype=self.dtype, name='encoder_norm')(memory)
 
     if self.query_type == 'learned':
       query_pos = self.param('query_embed', nn.initializers.normal(1.0),

@@ -4,6 +4,7 @@ import itertools
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -231,10 +232,11 @@ def test_sine_position_encoding_reference_and_padding():
   np.testing.assert_allclose(got[0, :3, :4], small[0], atol=1e-6)
 
 
-def test_padding_does_not_change_predictions():
+@pytest.mark.parametrize('pre_norm', [False, True])
+def test_padding_does_not_change_predictions(pre_norm):
   """An image padded with garbage features gives the unpadded image's predictions."""
   head = detr.DetrHead(num_classes=6, hidden_dim=32, num_queries=10, num_heads=4, ffn_dim=64,
-                       num_encoder_layers=2, num_decoder_layers=2)
+                       num_encoder_layers=2, num_decoder_layers=2, pre_norm=pre_norm)
   rng = np.random.default_rng(0)
   small = rng.normal(size=(1, 3, 4, 16)).astype(np.float32)
   big = rng.normal(size=(1, 5, 7, 16)).astype(np.float32) * 10.0   # garbage in the padding
@@ -252,6 +254,34 @@ def test_padding_does_not_change_predictions():
   # Without the mask the padding leaks in: the test can fail.
   logits_leak, _ = apply(big, np.ones((1, 5, 7), bool))
   assert np.abs(np.asarray(logits_leak) - np.asarray(logits_s)).max() > 1e-2
+
+
+def test_pre_norm_layers():
+  """pre_norm=True: x + SelfAttn(LN(x) + pos) then x + FFN(LN(x)), against the layer's own
+  sub-modules applied by hand; the head gains the reference's final encoder norm."""
+  layer = detr.EncoderLayer(dim=16, num_heads=2, ffn_dim=32, dropout=0.0, pre_norm=True)
+  rng = np.random.default_rng(0)
+  x, pos = (jnp.asarray(rng.normal(size=(1, 5, 16)), jnp.float32) for _ in range(2))
+  key_mask = jnp.ones((1, 5), bool)
+  variables = layer.init(jax.random.key(0), x, pos, key_mask, train=False)
+  p = variables['params']
+  ln = lambda name, v: nn.LayerNorm().apply({'params': p[name]}, v)
+  attn = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16, out_features=16)
+  y = ln('norm1', x)
+  h = x + attn.apply({'params': p['self_attn']}, y + pos, y + pos, y)
+  f = p['ffn']
+  z = ln('norm2', h)
+  z = nn.relu(z @ f['linear1']['kernel'] + f['linear1']['bias'])
+  want = h + z @ f['linear2']['kernel'] + f['linear2']['bias']
+  np.testing.assert_allclose(layer.apply(variables, x, pos, key_mask, train=False), want,
+                             rtol=1e-5, atol=1e-5)
+  post = detr.EncoderLayer(dim=16, num_heads=2, ffn_dim=32, dropout=0.0)
+  assert np.abs(post.apply(variables, x, pos, key_mask, train=False) - want).max() > 1e-2
+  head = detr.DetrHead(num_classes=6, hidden_dim=16, num_queries=4, num_heads=2, ffn_dim=32,
+                       num_encoder_layers=1, num_decoder_layers=1, pre_norm=True)
+  shapes = jax.eval_shape(lambda: head.init(jax.random.key(0), np.zeros((1, 2, 2, 8)),
+                                            np.ones((1, 2, 2), bool), train=False))
+  assert 'encoder_norm' in shapes['params']
 
 
 def test_anchor_queries_predict_offsets_from_their_points():
