@@ -138,6 +138,12 @@ def test_config_recipe():
   assert mult('backbone/stage3_block0/conv1/conv/kernel') == pytest.approx(0.1)
   assert mult('backbone/stem/conv/kernel') == 0.0
   assert mult('head/class_embed/kernel') == 1.0
+  # The paper's model; the shapes recipe's convergence aids are options it leaves off.
+  t = c.model.transformer
+  assert (t.query_type, t.pre_norm, c.model.loss.class_loss) == ('learned', False, 'softmax')
+  s = detr_r50.get_config('shapes')
+  assert (s.model.transformer.query_type, s.model.transformer.pre_norm) == ('two_stage', True)
+  assert s.model.loss.class_loss == 'focal' and s.model.loss.ce_weight == 2.0
 
 
 # ----------------------------------------------------------------------------- resnet options
