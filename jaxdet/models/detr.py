@@ -16,8 +16,10 @@ paper's: Q learned positional embeddings, boxes predicted from scratch), 'anchor
 a learned point, its positions the point's sine encoding and its box centre an offset from
 the point, as Anchor DETR / DAB-DETR) or 'two_stage' (every encoder token predicts a box
 around its own cell and takes a set loss of its own; the Q best tokens become the decoder's
-reference boxes, as Deformable DETR's two-stage variant and DINO's query selection). The
-last two converge in far fewer epochs; the paper's recipe keeps 'learned'.
+reference boxes, as Deformable DETR's two-stage variant and DINO's query selection). With
+`transformer.pre_norm` and `loss.class_loss='focal'` these are the convergence aids of
+DETR's successors; the paper's recipe keeps none of them, and the shapes recipe
+(configs/detr_r50.py) uses the combination that was measured to help.
 
 Normalised box coordinates are relative to the image content of each input (the valid,
 unpadded region, `valid_size`), as the reference normalises targets by the augmented image
