@@ -48,8 +48,12 @@ _xavier = nn.initializers.xavier_uniform()
 
 def _uniform_logit(key, shape, dtype=jnp.float32):
   """Logits of points drawn uniformly in [0.02, 0.98] (anchor-point queries)."""
-  p = jax.random.uniform(key, shape, jnp.float32, 0.02, 0.98)
-  return jnp.log(p / (1 - p)).astype(dtype)
+  return _logit(jax.random.uniform(key, shape, jnp.float32, 0.02, 0.98)).astype(dtype)
+
+
+def _logit(p):
+  """The inverse of the sigmoid, for p in (0, 1)."""
+  return jnp.log(p / (1 - p))
 
 
 QUERY_TYPES = ('learned', 'anchor', 'two_stage')
@@ -320,15 +324,13 @@ class DetrHead(nn.Module):
                              jnp.float32)                             # (y, x) logits
       sine = sine_embed(jax.nn.sigmoid(ref_logit) * 2 * math.pi, d // 2).reshape(
           self.num_queries, d)                                       # y then x, [Q, d]
-      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
-      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(query_pos))
+      query_pos = _position_mlp(sine, d)
     elif self.query_type == 'two_stage':
       ref_logit, content, encoder_outputs = self._propose(memory, mask, key_mask)
       # The selected boxes' sine encoding (d / 4 channels per coordinate) -> positions.
       sine = sine_embed(jax.nn.sigmoid(ref_logit) * 2 * math.pi, d // 4).reshape(
           b, self.num_queries, d)
-      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
-      query_pos = nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(query_pos))
+      query_pos = _position_mlp(sine, d)
     else:
       raise ValueError(f'model.transformer.query_type={self.query_type!r}; use one of '
                        f'{QUERY_TYPES}.')
@@ -390,8 +392,7 @@ class DetrHead(nn.Module):
     # A token's prior box: its cell's centre, two cells wide and high.
     anchor = jnp.stack([cx, cy, jnp.broadcast_to(2.0 / cols, cx.shape),
                         jnp.broadcast_to(2.0 / rows, cy.shape)], -1).reshape(b, h * w, 4)
-    anchor = jnp.clip(anchor, 0.01, 0.99)
-    anchor_logit = jnp.log(anchor / (1 - anchor))
+    anchor_logit = _logit(jnp.clip(anchor, 0.01, 0.99))
     out = nn.LayerNorm(dtype=self.dtype, name='enc_output_norm')(
         nn.Dense(d, kernel_init=_xavier, dtype=self.dtype, name='enc_output')(memory))
     logits = nn.Dense(self.num_classes + 1, bias_init=self._class_bias_init(),
@@ -404,6 +405,12 @@ class DetrHead(nn.Module):
     ref_logit = jax.lax.stop_gradient(jnp.take_along_axis(box_logit, index[..., None], 1))
     content = jax.lax.stop_gradient(jnp.take_along_axis(out, index[..., None], 1))
     return ref_logit, content, (logits, jax.nn.sigmoid(box_logit), key_mask)
+
+
+def _position_mlp(sine, d):
+  """Positional queries from reference points' sine encodings (Linear, ReLU, Linear)."""
+  x = nn.Dense(d, kernel_init=_xavier, name='anchor_proj0')(sine)
+  return nn.Dense(d, kernel_init=_xavier, name='anchor_proj1')(nn.relu(x))
 
 
 def _box_mlp(x, d, dtype, name):
